@@ -1,0 +1,101 @@
+// Engine options: a plain struct with documented defaults.
+//
+//   parley::Options options;
+//   options.node_id = 7;                          // unique per engine instance
+//   options.durability = parley::Durability::kSync;
+//   options.storage = *parley::OpenRocksDbStorage({.path = dir}, clock);
+//   if (auto s = options.Validate(); !s.ok()) { ... }
+
+#ifndef PARLEY_OPTIONS_H_
+#define PARLEY_OPTIONS_H_
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "parley/clock.h"
+#include "parley/hooks.h"
+#include "parley/storage.h"
+
+namespace parley {
+
+// What an acknowledged send (an OK from Engine::Send) guarantees.
+enum class Durability : uint8_t {
+  // The message is in the storage's write-ahead log when Send returns. It
+  // survives a crash of the process; it may be lost if the machine loses
+  // power or the kernel crashes before the OS writes its page cache back.
+  kBuffered = 1,
+  // The message is fsynced to stable storage before Send returns. It survives
+  // power loss. Concurrent sends (to any conversations) share one fsync
+  // (group commit).
+  kSync = 2,
+};
+
+struct Options {
+  // Storage to use. Required. Shared: the same object may be handed to a new
+  // engine after the old one is closed (that is how memory storage survives a
+  // restart).
+  std::shared_ptr<Storage> storage;
+
+  // Time source for ids, timestamps, retention and dedup horizons.
+  // Default: nullptr = SystemClock().
+  std::shared_ptr<Clock> clock;
+
+  // Host hook consulted on every send after the membership check.
+  // Default: nullptr = allow every member.
+  std::shared_ptr<SendAuthorizer> authorizer;
+
+  // Receives the engine's log lines. Default: nullptr = silent.
+  std::shared_ptr<Logger> logger;
+
+  // Identity of this engine instance inside message ids, 0..1023. Instances
+  // that share id space must use distinct node ids. Default: 0.
+  uint32_t node_id = 0;
+
+  // See Durability. Default: kBuffered.
+  Durability durability = Durability::kBuffered;
+
+  // Largest payload accepted by Send, in bytes. Default: 64 KiB.
+  size_t max_payload_bytes = 64 * 1024;
+  // Largest client message id, in bytes (it must not be empty). Default: 64.
+  size_t max_client_message_id_bytes = 64;
+  // Largest content type, in bytes. Default: 128.
+  size_t max_content_type_bytes = 128;
+  // Most attachment references per message. Default: 16.
+  size_t max_attachments = 16;
+  // Largest attachment reference, in bytes. Default: 1024.
+  size_t max_attachment_bytes = 1024;
+  // Most members of one conversation. Default: 100000.
+  size_t max_members = 100000;
+
+  // Age after which messages expire, unless the conversation overrides it.
+  // Default: 30 days.
+  std::chrono::seconds default_retention{30 * 24 * 3600};
+  // How long a (sender device, client message id) is remembered, so that a
+  // retry returns the original result. Default: 7 days.
+  std::chrono::seconds dedup_horizon{7 * 24 * 3600};
+
+  // Page size used when HistoryRequest::limit is 0. Default: 50.
+  size_t default_page_size = 50;
+  // Largest page a read may ask for. Default: 1000.
+  size_t max_page_size = 1000;
+
+  // Conversations whose state (head seq, members of small groups) is kept in
+  // memory; the least recently used beyond this are evicted and reloaded on
+  // demand. Default: 100000.
+  size_t max_cached_conversations = 100000;
+
+  // Most sends merged into one storage write by group commit. Default: 256.
+  size_t max_group_commit_sends = 256;
+
+  // Returns InvalidArgument naming the first bad field.
+  absl::Status Validate() const;
+};
+
+}  // namespace parley
+
+#endif  // PARLEY_OPTIONS_H_

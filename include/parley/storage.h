@@ -1,0 +1,195 @@
+// The pluggable storage interface under the engine: an ordered key-value store
+// split into a fixed set of spaces (RocksDB column families), with atomic
+// multi-space batches and bounded iterators.
+//
+// Two implementations ship and pass one conformance suite
+// (tests/storage/storage_conformance_test.cc):
+//
+//   auto rocks = parley::OpenRocksDbStorage({.path = "/var/lib/chat"}, clock);
+//   auto mem   = parley::NewMemoryStorage(clock);
+//
+// Expiry contract: in a space for which SpaceHasExpiry() is true, every value
+// starts with an 8-byte big-endian expiry time in microseconds since the Unix
+// epoch (0 = never). Once the storage's clock has passed that time the storage
+// MAY drop the record (RocksDB does it in a compaction filter, memory storage
+// in CompactAll()). Readers must still check expiry themselves: dropping is
+// lazy.
+
+#ifndef PARLEY_STORAGE_H_
+#define PARLEY_STORAGE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "parley/clock.h"
+
+namespace parley {
+
+// The key spaces. Keys inside each are big-endian encoded so that a
+// conversation's entries are contiguous and ordered by seq.
+enum class Space : uint8_t {
+  kMeta = 0,          // engine and conversation metadata
+  kLog = 1,           // conversation logs: conv | seq -> entry (expiring)
+  kMembers = 2,       // conv | user -> membership intervals
+  kDedup = 3,         // user | device | client id -> original result (expiring)
+  kMessageIndex = 4,  // message id -> conv | seq (expiring)
+  kUserStream = 5,    // user | pts -> update (fan-out on write, expiring)
+  kCursors = 6,       // per-device and per-user positions
+};
+inline constexpr int kNumSpaces = 7;
+
+// Name of a space (the RocksDB column family name).
+std::string_view SpaceName(Space space);
+// True for the spaces whose values carry the 8-byte expiry prefix.
+bool SpaceHasExpiry(Space space);
+
+// An ordered list of puts and deletes applied atomically by Storage::Write.
+// A plain value type; not thread-safe.
+class WriteBatch {
+ public:
+  void Put(Space space, std::string_view key, std::string_view value);
+  void Delete(Space space, std::string_view key);
+  // Appends all operations of `other` after this batch's.
+  void Append(const WriteBatch& other);
+  void Clear();
+
+  size_t count() const { return count_; }
+  bool empty() const { return count_ == 0; }
+  // Bytes of the encoded operations (a measure for batching limits).
+  size_t ByteSize() const { return rep_.size(); }
+
+  // Visits operations in order.
+  class Handler {
+   public:
+    virtual ~Handler();
+    virtual void Put(Space space, std::string_view key,
+                     std::string_view value) = 0;
+    virtual void Delete(Space space, std::string_view key) = 0;
+  };
+  // Returns DataLoss if the batch's encoding is corrupt (never for a batch
+  // built through this class).
+  absl::Status Iterate(Handler& handler) const;
+
+ private:
+  std::string rep_;
+  size_t count_ = 0;
+};
+
+// A cursor over one space, restricted to [lower, upper). Not thread-safe.
+// Sees a consistent snapshot of the space taken when it was created.
+class StorageIterator {
+ public:
+  StorageIterator() = default;
+  StorageIterator(const StorageIterator&) = delete;
+  StorageIterator& operator=(const StorageIterator&) = delete;
+  virtual ~StorageIterator();
+
+  virtual bool Valid() const = 0;
+  // First key >= target (within bounds).
+  virtual void Seek(std::string_view target) = 0;
+  // Last key <= target (within bounds).
+  virtual void SeekForPrev(std::string_view target) = 0;
+  virtual void Next() = 0;  // REQUIRES: Valid()
+  virtual void Prev() = 0;  // REQUIRES: Valid()
+  // Valid until the next move. REQUIRES: Valid()
+  virtual std::string_view key() const = 0;
+  virtual std::string_view value() const = 0;
+  // OK, or Unavailable/DataLoss if the iteration hit a storage error.
+  virtual absl::Status status() const = 0;
+};
+
+struct StorageWriteOptions {
+  // true: the write is on stable storage (fsync) before Write returns.
+  // false: the write is in the write-ahead log, which survives a process crash
+  // but not a power loss.
+  bool sync = false;
+};
+
+// Thread-safe: all methods may be called concurrently.
+class Storage {
+ public:
+  Storage() = default;
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+  virtual ~Storage();
+
+  // Applies all operations of `batch` atomically: after a crash either all or
+  // none are visible. Returns Unavailable if the medium failed (nothing of the
+  // batch is visible then), FailedPrecondition after Close().
+  virtual absl::Status Write(const WriteBatch& batch,
+                             const StorageWriteOptions& options) = 0;
+
+  // Reads one key. Returns NotFound if absent, Unavailable on I/O error.
+  virtual absl::Status Get(Space space, std::string_view key,
+                           std::string* value) = 0;
+
+  // An iterator over keys in [lower, upper); an empty `upper` means no upper
+  // bound. The bounds are copied.
+  virtual std::unique_ptr<StorageIterator> NewIterator(
+      Space space, std::string_view lower, std::string_view upper) = 0;
+
+  // Makes every acknowledged write durable (fsync of the log).
+  virtual absl::Status SyncWal() = 0;
+
+  // Flushes and compacts everything now, dropping expired records of
+  // expiring spaces. Expensive; meant for tests and maintenance windows.
+  virtual absl::Status CompactAll() = 0;
+
+  // Approximate bytes held by the space on its medium (memory or disk).
+  virtual uint64_t ApproximateSize(Space space) = 0;
+
+  // Flushes and releases resources. Further calls return FailedPrecondition.
+  // Idempotent.
+  virtual absl::Status Close() = 0;
+};
+
+struct RocksDbStorageOptions {
+  // Directory of the database. Required.
+  std::string path;
+  // Create the database if missing. Default: true.
+  bool create_if_missing = true;
+  // Shared LRU block cache. Default: 64 MiB.
+  size_t block_cache_bytes = 64 << 20;
+  // Memtable size per column family. Default: 32 MiB.
+  size_t write_buffer_bytes = 32 << 20;
+  // Bloom filter bits per key for point lookups (dedup, membership).
+  // Default: 10.
+  int bloom_bits_per_key = 10;
+  // Background flush/compaction threads. Default: 2.
+  int background_threads = 2;
+  // SST files older than this are compacted even without write pressure, so
+  // expired records are reclaimed on idle databases. Default: 1 day.
+  std::chrono::seconds periodic_compaction{24 * 3600};
+
+  // Returns InvalidArgument naming the bad field.
+  absl::Status Validate() const;
+};
+
+// Opens (or creates) a RocksDB-backed storage. `clock` decides expiry in
+// compaction. Returns InvalidArgument for bad options, Unavailable if the
+// database cannot be opened (locked by another process, I/O error), DataLoss
+// if it is corrupt.
+absl::StatusOr<std::unique_ptr<Storage>> OpenRocksDbStorage(
+    const RocksDbStorageOptions& options, std::shared_ptr<Clock> clock);
+
+// An in-memory storage for tests and ephemeral deployments. Survives engine
+// restarts as long as the object lives; nothing survives the process.
+class MemoryStorage : public Storage {
+ public:
+  // Simulates a power loss: forgets every write that was not followed by a
+  // synced write or SyncWal(), as a crash of a machine would.
+  virtual void DropUnsyncedWrites() = 0;
+  // Makes the next `n` writes (n > 0) fail with Unavailable; 0 stops failing.
+  virtual void FailNextWrites(int n) = 0;
+};
+
+std::unique_ptr<MemoryStorage> NewMemoryStorage(std::shared_ptr<Clock> clock);
+
+}  // namespace parley
+
+#endif  // PARLEY_STORAGE_H_

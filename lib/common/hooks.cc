@@ -1,0 +1,6 @@
+#include "parley/hooks.h"
+
+namespace parley {
+SendAuthorizer::~SendAuthorizer() = default;
+Logger::~Logger() = default;
+}  // namespace parley

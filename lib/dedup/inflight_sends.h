@@ -1,0 +1,61 @@
+// Sends in progress, by dedup key. A retry that arrives while its original is
+// still being stored waits for the original's outcome instead of racing it
+// into a second seq (the dedup record is not in storage yet).
+
+#ifndef PARLEY_LIB_DEDUP_INFLIGHT_SENDS_H_
+#define PARLEY_LIB_DEDUP_INFLIGHT_SENDS_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "parley/types.h"
+
+namespace parley {
+
+class InflightSends {
+ public:
+  struct Outcome {
+    absl::Notification done;
+    absl::StatusOr<SendResult> result;
+    uint64_t content_hash = 0;
+  };
+
+  // Registers `key` as in progress. Returns nullptr if it was free (the
+  // caller now owns it and must call Finish), or the outcome to wait for.
+  std::shared_ptr<Outcome> Begin(const std::string& key,
+                                 uint64_t content_hash) {
+    absl::MutexLock lock(&mu_);
+    auto [it, inserted] = map_.try_emplace(key);
+    if (!inserted) return it->second;
+    it->second = std::make_shared<Outcome>();
+    it->second->content_hash = content_hash;
+    return nullptr;
+  }
+
+  // Publishes the owner's result and frees `key`.
+  void Finish(const std::string& key, absl::StatusOr<SendResult> result) {
+    std::shared_ptr<Outcome> outcome;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = map_.find(key);
+      outcome = std::move(it->second);
+      map_.erase(it);
+    }
+    outcome->result = std::move(result);
+    outcome->done.Notify();
+  }
+
+ private:
+  absl::Mutex mu_;
+  absl::flat_hash_map<std::string, std::shared_ptr<Outcome>> map_
+      ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace parley
+
+#endif  // PARLEY_LIB_DEDUP_INFLIGHT_SENDS_H_

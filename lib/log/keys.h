@@ -1,0 +1,84 @@
+// The key layout. All integers are big-endian so that byte order is numeric
+// order: a conversation's log entries are contiguous and sorted by seq.
+//
+//   kMeta         "c" conv              -> ConversationMeta
+//                 "h" conv              -> head seq (8 bytes)
+//   kLog          conv seq              -> expiry | LogRecord
+//   kMembers      conv user             -> MemberRecord
+//   kDedup        user device client_id -> expiry | DedupRecord
+//   kMessageIndex message_id            -> expiry | conv seq
+
+#ifndef PARLEY_LIB_LOG_KEYS_H_
+#define PARLEY_LIB_LOG_KEYS_H_
+
+#include <string>
+#include <string_view>
+
+#include "common/coding.h"
+#include "parley/types.h"
+
+namespace parley::keys {
+
+inline std::string ConversationMetaKey(ConversationId c) {
+  std::string k("c");
+  PutFixed64BE(&k, c.value());
+  return k;
+}
+
+inline std::string HeadKey(ConversationId c) {
+  std::string k("h");
+  PutFixed64BE(&k, c.value());
+  return k;
+}
+
+inline std::string LogKey(ConversationId c, Seq s) {
+  std::string k;
+  k.reserve(16);
+  PutFixed64BE(&k, c.value());
+  PutFixed64BE(&k, s.value());
+  return k;
+}
+
+inline std::string LogPrefix(ConversationId c) {
+  std::string k;
+  PutFixed64BE(&k, c.value());
+  return k;
+}
+
+// REQUIRES: key came from LogKey.
+inline Seq SeqOfLogKey(std::string_view key) {
+  return Seq(DecodeFixed64BE(key.data() + 8));
+}
+
+inline std::string MemberKey(ConversationId c, UserId u) {
+  std::string k;
+  k.reserve(16);
+  PutFixed64BE(&k, c.value());
+  PutFixed64BE(&k, u.value());
+  return k;
+}
+
+inline std::string MemberPrefix(ConversationId c) { return LogPrefix(c); }
+
+inline UserId UserOfMemberKey(std::string_view key) {
+  return UserId(DecodeFixed64BE(key.data() + 8));
+}
+
+inline std::string DedupKey(UserId u, DeviceId d, std::string_view client_id) {
+  std::string k;
+  k.reserve(16 + client_id.size());
+  PutFixed64BE(&k, u.value());
+  PutFixed64BE(&k, d.value());
+  k.append(client_id.data(), client_id.size());
+  return k;
+}
+
+inline std::string MessageIndexKey(MessageId id) {
+  std::string k;
+  PutFixed64BE(&k, id.value());
+  return k;
+}
+
+}  // namespace parley::keys
+
+#endif  // PARLEY_LIB_LOG_KEYS_H_

@@ -1,0 +1,71 @@
+// Encoding of log entries and the other stored records. The only place that
+// touches the generated protobuf types for the log.
+
+#ifndef PARLEY_LIB_LOG_LOG_CODEC_H_
+#define PARLEY_LIB_LOG_LOG_CODEC_H_
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "parley/types.h"
+
+namespace parley {
+
+inline int64_t ToMicros(Timestamp t) { return t.time_since_epoch().count(); }
+inline Timestamp FromMicros(int64_t us) {
+  return Timestamp(std::chrono::microseconds(us));
+}
+
+// Appends expiry (0 = never) and the record of `entry` to *out. The entry's
+// conversation and seq are not stored in the value (they are the key).
+void EncodeLogValue(const LogEntry& entry, uint64_t expiry_micros,
+                    std::string* out);
+// Same for a message being sent, without building a LogEntry first.
+void EncodeMessageValue(const SendRequest& request, MessageId id,
+                        Timestamp server_time, uint64_t expiry_micros,
+                        std::string* out);
+
+// Parses a kLog value into *entry (conversation and seq left untouched).
+// DataLoss if corrupt.
+absl::Status DecodeLogValue(std::string_view value, LogEntry* entry);
+
+struct DedupValue {
+  ConversationId conversation;
+  Seq seq;
+  MessageId id;
+  Timestamp server_time;
+  uint64_t content_hash = 0;
+};
+void EncodeDedupValue(const DedupValue& v, uint64_t expiry_micros,
+                      std::string* out);
+absl::Status DecodeDedupValue(std::string_view value, DedupValue* v);
+
+struct ConversationMetaValue {
+  ConversationKind kind = ConversationKind::kGroup;
+  int64_t retention_seconds = 0;
+  Timestamp created;
+  uint32_t member_count = 0;
+};
+std::string EncodeConversationMeta(const ConversationMetaValue& v);
+absl::Status DecodeConversationMeta(std::string_view value,
+                                    ConversationMetaValue* v);
+
+std::string EncodeMemberValue(const std::vector<MembershipInterval>& v);
+absl::Status DecodeMemberValue(std::string_view value,
+                               std::vector<MembershipInterval>* v);
+
+// kMessageIndex value: expiry | conv | seq.
+void EncodeIndexValue(ConversationId c, Seq s, uint64_t expiry_micros,
+                      std::string* out);
+absl::Status DecodeIndexValue(std::string_view value, ConversationId* c,
+                              Seq* s);
+
+// The content a retry must match: conversation, payload and metadata.
+uint64_t ContentHash(const SendRequest& request);
+
+}  // namespace parley
+
+#endif  // PARLEY_LIB_LOG_LOG_CODEC_H_

@@ -1,0 +1,37 @@
+// An outside program using only the installed parley package: open a RocksDB
+// store, send one message, read it back.
+#include <cstdio>
+
+#include "parley/engine.h"
+
+int main(int argc, char** argv) {
+  if (argc != 2) return 2;
+  auto clock = parley::SystemClock();
+  auto storage = parley::OpenRocksDbStorage({.path = argv[1]}, clock);
+  if (!storage.ok()) return 3;
+  parley::Options options;
+  options.storage = std::move(*storage);
+  options.clock = clock;
+  auto engine = parley::Engine::Open(options);
+  if (!engine.ok()) return 4;
+  const parley::UserId alice{1}, bob{2};
+  const parley::ConversationId conv{7};
+  if (!(*engine)->CreateConversation({.id = conv,
+                                      .kind = parley::ConversationKind::kDirect,
+                                      .creator = alice,
+                                      .members = {alice, bob}}).ok()) {
+    return 5;
+  }
+  auto sent = (*engine)->Send({.sender = alice, .device = parley::DeviceId{1},
+                               .conversation = conv, .client_message_id = "m1",
+                               .payload = "hello"});
+  if (!sent.ok() || sent->seq != parley::Seq{2}) return 6;
+  auto page = (*engine)->ReadHistory({.reader = bob, .conversation = conv});
+  if (!page.ok() || page->entries.size() != 2 ||
+      page->entries[1].payload != "hello") {
+    return 7;
+  }
+  std::printf("consumer ok: seq %llu\n",
+              static_cast<unsigned long long>(sent->seq.value()));
+  return (*engine)->Close().ok() ? 0 : 8;
+}

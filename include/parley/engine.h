@@ -43,6 +43,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "parley/delivery.h"
 #include "parley/options.h"
 #include "parley/types.h"
 
@@ -57,6 +58,12 @@ struct EngineStats {
   uint64_t storage_writes = 0;    // group commits issued
   uint64_t cached_conversations = 0;
   uint64_t conversation_loads = 0;  // cache misses served from storage
+  uint64_t attached_devices = 0;
+  uint64_t deliveries = 0;          // first deliveries handed to sinks
+  uint64_t redeliveries = 0;        // retries after an ack timeout
+  uint64_t acks = 0;                // acks that moved a position
+  uint64_t resets = 0;              // streams reset for being too far behind
+  uint64_t events = 0;              // ephemeral/receipt events handed to sinks
 };
 
 class Engine {
@@ -134,6 +141,79 @@ class Engine {
   // Reclaims the space of expired messages and dedup records now (they are
   // also reclaimed in the background by storage compaction). Unavailable.
   virtual absl::Status ReclaimExpired() = 0;
+
+  // ---- Delivery (see delivery.h) ----------------------------------------
+
+  // Attaches a connected device: it first receives what it missed after its
+  // positions, in order, then live messages, with no gap or duplicate at the
+  // seam. Attaching an attached device replaces its sink and redelivers
+  // everything unacked at once. InvalidArgument (zero ids, no sink, a resume
+  // position past the stream's head), Unavailable.
+  virtual absl::StatusOr<AttachResult> Attach(
+      UserId user, DeviceId device, std::shared_ptr<DeliverySink> sink,
+      const AttachOptions& options) = 0;
+
+  // Detaches a device; its unacked deliveries stay pending in storage and are
+  // redelivered when it attaches again. NotFound if not attached.
+  virtual absl::Status Detach(UserId user, DeviceId device) = 0;
+
+  // Acknowledges everything in `stream` up to `position`, durably; retries of
+  // acked deliveries stop. An ack at or below the acked position is a no-op
+  // (late or duplicate acks are harmless). InvalidArgument if `position` was
+  // never delivered to the device; NotFound if the device is not attached;
+  // Unavailable.
+  virtual absl::Status Ack(UserId user, DeviceId device, StreamId stream,
+                           uint64_t position) = 0;
+
+  // Pull instead of push: a page of what the device has not acked, in
+  // delivery order, without attaching. Positions move only with Ack.
+  // InvalidArgument, FailedPrecondition (the device is attached: use push),
+  // Unavailable.
+  virtual absl::StatusOr<SyncPage> Sync(UserId user, DeviceId device,
+                                        const SyncRequest& request) = 0;
+
+  // The device's durably acked positions (empty for an unknown device).
+  virtual absl::StatusOr<std::vector<StreamPosition>> Positions(
+      UserId user, DeviceId device) = 0;
+
+  // Redelivers whatever has waited longer than its ack timeout (capped,
+  // jittered exponential backoff from Options). The host calls it when
+  // NextTimerDue() passes, from any thread. Returns how many were redelivered.
+  virtual size_t ProcessTimers() = 0;
+  // When ProcessTimers next has work; nullopt if nothing is in flight.
+  virtual std::optional<Timestamp> NextTimerDue() = 0;
+
+  // Marks `user`'s messages in the conversation read up to `up_to`
+  // (monotonic: a lower value is a no-op). The user's other online devices
+  // get a kReadPosition event; in fan-out-on-write conversations the other
+  // members' online devices get a kReceipt event. InvalidArgument (up_to past
+  // the head), NotFound, PermissionDenied, Unavailable.
+  virtual absl::Status MarkRead(UserId user, DeviceId device,
+                                ConversationId conversation, Seq up_to) = 0;
+
+  // Read position, head and unread count. NotFound, PermissionDenied.
+  virtual absl::StatusOr<ReadState> GetReadState(
+      UserId user, ConversationId conversation) = 0;
+
+  // Delivery state of one message for every device of every member that
+  // ever acked in the conversation. `reader` must be able to see the
+  // message. NotFound, PermissionDenied, FailedPrecondition (the
+  // conversation is in fan-out-on-read mode: receipts are not tracked per
+  // device there), Unavailable.
+  virtual absl::StatusOr<std::vector<DeviceReceipt>> GetReceipts(
+      UserId reader, ConversationId conversation, Seq seq) = 0;
+
+  // Typing or presence: handed to the online devices of the conversation's
+  // members (not the sending device), never stored, never retried.
+  // InvalidArgument (kind not kTyping/kPresence, data too big), NotFound,
+  // PermissionDenied.
+  virtual absl::Status SendEphemeral(UserId user, DeviceId device,
+                                     ConversationId conversation,
+                                     EventKind kind, std::string_view data) = 0;
+
+  // The conversation's current fan-out mode. NotFound, Unavailable.
+  virtual absl::StatusOr<FanoutMode> GetFanoutMode(
+      ConversationId conversation) = 0;
 
   virtual EngineStats GetStats() = 0;
 

@@ -18,6 +18,7 @@
 
 #include "absl/status/status.h"
 #include "parley/clock.h"
+#include "parley/delivery.h"
 #include "parley/hooks.h"
 #include "parley/storage.h"
 
@@ -91,6 +92,33 @@ struct Options {
 
   // Most sends merged into one storage write by group commit. Default: 256.
   size_t max_group_commit_sends = 256;
+
+  // ---- Delivery ----
+
+  // Chooses write or read fan-out per conversation. Default: nullptr = by
+  // member count: kWrite up to fanout_threshold members, kRead above.
+  std::shared_ptr<FanoutPolicy> fanout_policy;
+  // Member count above which the default policy fans out on read.
+  // Default: 100.
+  size_t fanout_threshold = 100;
+  // Deliveries per device awaiting an ack; the rest waits in storage, not in
+  // memory. Default: 256.
+  size_t max_in_flight_per_device = 256;
+  // First retry of an unacked delivery after this long; each retry doubles
+  // it up to max_retry_interval. Default: 5 s.
+  std::chrono::milliseconds ack_timeout{5000};
+  // Cap of the retry interval. Default: 60 s.
+  std::chrono::milliseconds max_retry_interval{60000};
+  // Each retry interval is scaled by a random factor in [1 - j, 1 + j].
+  // Default: 0.2.
+  double retry_jitter = 0.2;
+  // A device further behind than this many entries in one stream is reset
+  // to the head instead of replayed. Default: 10000.
+  size_t max_catchup_entries = 10000;
+  // Largest typing/presence payload, in bytes. Default: 1024.
+  size_t max_event_bytes = 1024;
+  // Seed of the retry-jitter generator (deterministic tests). Default: 0.
+  uint64_t random_seed = 0;
 
   // Returns InvalidArgument naming the first bad field.
   absl::Status Validate() const;

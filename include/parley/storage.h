@@ -40,8 +40,9 @@ enum class Space : uint8_t {
   kMessageIndex = 4,  // message id -> conv | seq (expiring)
   kUserStream = 5,    // user | pts -> update (fan-out on write, expiring)
   kCursors = 6,       // per-device and per-user positions
+  kUserIndex = 7,     // user | conv -> the user's fan-out-on-read ranges
 };
-inline constexpr int kNumSpaces = 7;
+inline constexpr int kNumSpaces = 8;
 
 // Name of a space (the RocksDB column family name).
 std::string_view SpaceName(Space space);

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/check.h"
+#include "fanout/fanout_policy.h"
 #include "common/coding.h"
 #include "log/keys.h"
 #include "log/log_codec.h"
@@ -62,7 +63,12 @@ EngineImpl::EngineImpl(Options options, MessageId id_floor)
       ids_(options_.node_id, id_floor),
       committer_(storage_.get(), options_.durability == Durability::kSync,
                  options_.max_group_commit_sends),
-      cache_(options_.max_cached_conversations) {
+      cache_(options_.max_cached_conversations),
+      users_(options_.max_cached_conversations),
+      policy_(options_.fanout_policy
+                  ? options_.fanout_policy
+                  : NewThresholdFanoutPolicy(options_.fanout_threshold)),
+      delivery_(options_, storage_.get(), clock_.get(), this) {
   // Close() must be able to let go of the storage (so a new engine can open
   // it): keep no second reference.
   options_.storage.reset();
@@ -127,6 +133,8 @@ absl::Status EngineImpl::LoadLocked(ConversationState& st) {
   st.retention_seconds = meta.retention_seconds;
   st.created_micros = ToMicros(meta.created);
   st.member_count = meta.member_count;
+  st.mode = meta.mode;
+  st.pending_reads.clear();
   st.assigned_seq = st.committed_seq = head;
   st.epoch = epoch;
   st.loaded = true;
@@ -175,24 +183,203 @@ std::string EngineImpl::MetaValueLocked(const ConversationState& st) const {
   meta.retention_seconds = st.retention_seconds;
   meta.created = FromMicros(st.created_micros);
   meta.member_count = st.member_count;
+  meta.mode = st.mode;
   return EncodeConversationMeta(meta);
 }
 
-absl::Status EngineImpl::Commit(ConversationState& st,
-                                GroupCommitter::Request& r, uint64_t seq) {
+absl::Status EngineImpl::Commit(
+    ConversationState& st, GroupCommitter::Request& r, uint64_t seq,
+    Fanout* f, std::optional<std::pair<UserId, uint64_t>> pending_read) {
   r.epoch = st.epoch;
   committer_.Enqueue(&r);
+  if (pending_read) st.pending_reads.push_back(*pending_read);
+  if (f != nullptr) {
+    for (auto& u : f->locked) u->mu.Unlock();
+  }
   st.mu.Unlock();
   absl::Status s = committer_.Await(&r);
+  if (s.ok() && f != nullptr) {
+    for (size_t i = 0; i < f->locked.size(); ++i) {
+      UserStreamState& u = *f->locked[i];
+      absl::MutexLock lock(&u.mu);
+      for (const auto& [user, pts] : f->pts) {
+        if (user == u.id) u.committed_pts = std::max(u.committed_pts, pts);
+      }
+    }
+  }
+  if ((s.ok() && seq != 0) || pending_read) {
+    absl::MutexLock lock(&st.mu);
+    if (s.ok()) st.committed_seq = std::max(st.committed_seq, seq);
+    if (pending_read) {
+      auto it = std::find(st.pending_reads.begin(), st.pending_reads.end(),
+                          *pending_read);
+      if (it != st.pending_reads.end()) st.pending_reads.erase(it);
+    }
+  }
   if (!s.ok()) {
     Log(LogLevel::kWarning, "storage write failed: " + s.ToString());
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+// Update streams and fan-out
+
+absl::Status EngineImpl::LoadUserLocked(UserStreamState& us) {
+  const uint64_t epoch = committer_.epoch();
+  if (us.loaded && us.epoch == epoch) return absl::OkStatus();
+  std::string value;
+  absl::Status s = storage_->Get(Space::kMeta, keys::PtsHeadKey(us.id), &value);
+  uint64_t pts = 0;
+  if (s.ok()) {
+    PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &pts));
+  } else if (!absl::IsNotFound(s)) {
     return s;
   }
-  if (seq != 0) {
-    absl::MutexLock lock(&st.mu);
-    st.committed_seq = std::max(st.committed_seq, seq);
+  us.assigned_pts = us.committed_pts = pts;
+  us.epoch = epoch;
+  us.loaded = true;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint64_t> EngineImpl::UserHead(UserId u) {
+  auto us = users_.Acquire(u);
+  absl::MutexLock lock(&us->mu);
+  PARLEY_RETURN_IF_ERROR(LoadUserLocked(*us));
+  return us->committed_pts;
+}
+
+absl::StatusOr<uint64_t> EngineImpl::ConversationHead(ConversationId c) {
+  auto st = cache_.Acquire(c);
+  absl::MutexLock lock(&st->mu);
+  PARLEY_RETURN_IF_ERROR(LoadLocked(*st));
+  return st->committed_seq;
+}
+
+absl::StatusOr<std::vector<UserId>> EngineImpl::MembersLocked(
+    ConversationState& st) {
+  std::vector<UserId> out;
+  if (st.members_cached) {
+    out.reserve(st.members.size());
+    for (const auto& m : st.members) out.push_back(m.first);
+    return out;
+  }
+  const std::string prefix = keys::MemberPrefix(st.id);
+  auto it =
+      storage_->NewIterator(Space::kMembers, prefix, PrefixSuccessor(prefix));
+  std::vector<MembershipInterval> intervals;
+  for (it->Seek(prefix); it->Valid(); it->Next()) {
+    PARLEY_RETURN_IF_ERROR(DecodeMemberValue(it->value(), &intervals));
+    if (!intervals.empty() && !intervals.back().left.valid()) {
+      out.push_back(keys::UserOfMemberKey(it->key()));
+    }
+  }
+  PARLEY_RETURN_IF_ERROR(it->status());
+  return out;
+}
+
+absl::Status EngineImpl::LockUsers(const std::vector<UserId>& users,
+                                   Fanout* f) {
+  // Always in user id order: two conversations locking overlapping member
+  // sets cannot deadlock.
+  for (UserId u : users) {
+    auto us = users_.Acquire(u);
+    us->mu.Lock();
+    f->locked.push_back(us);
+    absl::Status s = LoadUserLocked(*us);
+    if (!s.ok()) {
+      for (auto& l : f->locked) l->mu.Unlock();
+      f->locked.clear();
+      return s;
+    }
   }
   return absl::OkStatus();
+}
+
+uint64_t EngineImpl::AssignedPts(const Fanout& f, UserId u) const {
+  for (const auto& us : f.locked) {
+    if (us->id == u) return us->assigned_pts;
+  }
+  PARLEY_CHECK(false);
+  return 0;
+}
+
+void EngineImpl::FanOutOnWrite(const std::vector<UserId>& targets,
+                               ConversationId c, Seq seq, uint64_t expiry,
+                               Fanout* f, WriteBatch* batch) {
+  std::string value;
+  for (UserId u : targets) {
+    UserStreamState* us = nullptr;
+    for (const auto& l : f->locked) {
+      if (l->id == u) us = l.get();
+    }
+    PARLEY_CHECK(us != nullptr);
+    const uint64_t pts = ++us->assigned_pts;
+    value.clear();
+    EncodeUserStreamValue(c, seq, expiry, &value);
+    batch->Put(Space::kUserStream, keys::UserStreamKey(u, pts), value);
+    value.clear();
+    PutFixed64BE(&value, pts);
+    batch->Put(Space::kMeta, keys::PtsHeadKey(u), value);
+    f->pts.emplace_back(u, pts);
+  }
+}
+
+absl::Status EngineImpl::UpdateRanges(
+    UserId u, ConversationId c, Fanout* f, WriteBatch* batch,
+    const std::function<void(std::vector<ReadRangeValue>&)>& change) {
+  std::vector<ReadRangeValue> ranges;
+  std::string value;
+  absl::Status s =
+      storage_->Get(Space::kUserIndex, keys::UserIndexKey(u, c), &value);
+  if (s.ok()) {
+    PARLEY_RETURN_IF_ERROR(DecodeReadRanges(value, &ranges));
+  } else if (!absl::IsNotFound(s)) {
+    return s;
+  }
+  change(ranges);
+  // An empty stretch (closed before it began) carries nothing.
+  ranges.erase(std::remove_if(ranges.begin(), ranges.end(),
+                              [](const ReadRangeValue& r) {
+                                return r.to != 0 && r.to < r.from;
+                              }),
+               ranges.end());
+  batch->Put(Space::kUserIndex, keys::UserIndexKey(u, c),
+             EncodeReadRanges(ranges));
+  f->ranges_changed.push_back(u);
+  return absl::OkStatus();
+}
+
+void EngineImpl::Publish(ConversationId c, FanoutMode mode, const Fanout& f,
+                         const std::shared_ptr<const LogEntry>& entry) {
+  for (UserId u : f.ranges_changed) delivery_.RangesChanged(u, c);
+  if (mode == FanoutMode::kWrite) {
+    for (const auto& [u, pts] : f.pts) {
+      if (delivery_.AnyOnline(u)) delivery_.OfferUser(u, pts, entry);
+    }
+  } else if (delivery_.AnyOnline(c)) {
+    delivery_.OfferConversation(c, entry->seq.value(), entry);
+  }
+}
+
+uint64_t EngineImpl::PendingReadLocked(const ConversationState& st,
+                                       UserId u) const {
+  uint64_t m = 0;
+  for (const auto& [user, seq] : st.pending_reads) {
+    if (user == u) m = std::max(m, seq);
+  }
+  return m;
+}
+
+absl::StatusOr<uint64_t> EngineImpl::StoredRead(UserId u, ConversationId c) {
+  std::string value;
+  absl::Status s =
+      storage_->Get(Space::kCursors, keys::ReadPositionKey(u, c), &value);
+  if (absl::IsNotFound(s)) return 0;
+  PARLEY_RETURN_IF_ERROR(s);
+  uint64_t v;
+  PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &v));
+  return v;
 }
 
 // ---------------------------------------------------------------------------
@@ -249,6 +436,7 @@ absl::Status EngineImpl::CreateConversation(
   st->retention_seconds = q.retention.count();
   st->created_micros = ToMicros(now);
   st->member_count = static_cast<uint32_t>(members.size());
+  st->mode = policy_->Choose(q.kind, members.size());
   st->assigned_seq = 1;
   st->members.clear();
   st->members_cached = members.size() <= kMaxCachedMembers;
@@ -258,6 +446,29 @@ absl::Status EngineImpl::CreateConversation(
 
   GroupCommitter::Request r;
   const uint64_t expiry = RetentionExpiryLocked(*st, now);
+  Fanout f;
+  if (absl::Status ls = LockUsers(members, &f); !ls.ok()) {
+    st->loaded = false;  // undo the optimistic state above
+    st->mu.Unlock();
+    return ls;
+  }
+  if (st->mode == FanoutMode::kWrite) {
+    FanOutOnWrite(members, q.id, Seq(1), expiry, &f, &r.batch);
+  } else {
+    for (UserId u : members) {
+      const uint64_t gate = AssignedPts(f, u);
+      absl::Status us = UpdateRanges(
+          u, q.id, &f, &r.batch, [&](std::vector<ReadRangeValue>& ranges) {
+            ranges.push_back({1, 0, gate});
+          });
+      if (!us.ok()) {
+        for (auto& l : f.locked) l->mu.Unlock();
+        st->loaded = false;
+        st->mu.Unlock();
+        return us;
+      }
+    }
+  }
   std::string value;
   EncodeLogValue(entry, expiry, &value);
   r.batch.Put(Space::kLog, keys::LogKey(q.id, Seq(1)), value);
@@ -273,7 +484,12 @@ absl::Status EngineImpl::CreateConversation(
   std::string head;
   PutFixed64BE(&head, 1);
   r.batch.Put(Space::kMeta, keys::HeadKey(q.id), head);
-  return Commit(*st, r, 1);
+  const FanoutMode mode = st->mode;
+  PARLEY_RETURN_IF_ERROR(Commit(*st, r, 1, &f));
+  entry.conversation = q.id;
+  entry.seq = Seq(1);
+  Publish(q.id, mode, f, std::make_shared<const LogEntry>(std::move(entry)));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Seq> EngineImpl::AddMember(ConversationId c, UserId actor,
@@ -325,9 +541,14 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
                                      options_.max_members, ") members")));
   }
 
+  auto members_before = MembersLocked(*st);
+  if (!members_before.ok()) return fail(members_before.status());
+
   const Timestamp now = clock_->Now();
   const Seq seq(++st->assigned_seq);
   LogEntry entry;
+  entry.conversation = c;
+  entry.seq = seq;
   entry.kind = add ? EntryKind::kMemberAdded : EntryKind::kMemberRemoved;
   entry.id = ids_.Next(ToMicros(now) / 1000);
   entry.server_time = now;
@@ -355,9 +576,66 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
       st->members.shrink_to_fit();
     }
   }
+  const FanoutMode old_mode = st->mode;
+  st->mode = policy_->Choose(st->kind, st->member_count);
+  const FanoutMode mode = st->mode;
+
+  // Who receives this entry, and whose read ranges change.
+  std::vector<UserId> everyone = *members_before;  // sorted
+  if (add) {
+    everyone.insert(std::lower_bound(everyone.begin(), everyone.end(), user),
+                    user);
+  }
+  // (The removed user is in members_before: it sees its own removal.)
+  std::vector<UserId> ranged;
+  if (old_mode != mode) {
+    ranged = everyone;
+  } else if (mode == FanoutMode::kRead) {
+    ranged = {user};
+  }
+  std::vector<UserId> lock_set =
+      mode == FanoutMode::kWrite ? everyone : ranged;
+  Fanout f;
+  auto undo = [&](absl::Status s) {
+    for (auto& l : f.locked) l->mu.Unlock();
+    f.locked.clear();
+    st->loaded = false;  // drop the optimistic changes above
+    return fail(s);
+  };
+  if (absl::Status ls = LockUsers(lock_set, &f); !ls.ok()) return undo(ls);
 
   GroupCommitter::Request r;
   const uint64_t expiry = RetentionExpiryLocked(*st, now);
+  if (mode == FanoutMode::kWrite) {
+    FanOutOnWrite(everyone, c, seq, expiry, &f, &r.batch);
+  }
+  for (UserId u : ranged) {
+    const uint64_t gate = AssignedPts(f, u);
+    absl::Status us = UpdateRanges(
+        u, c, &f, &r.batch, [&](std::vector<ReadRangeValue>& ranges) {
+          if (old_mode == FanoutMode::kWrite && mode == FanoutMode::kRead) {
+            // Switch to read fan-out at this seq; a removed user still gets
+            // its removal entry.
+            ranges.push_back({seq.value(),
+                              (!add && u == user) ? seq.value() : 0, gate});
+          } else if (old_mode == FanoutMode::kRead &&
+                     mode == FanoutMode::kWrite) {
+            // Switch to write fan-out: stretches end before this entry,
+            // which reaches everyone through their update streams.
+            for (auto& range : ranges) {
+              if (range.to == 0) range.to = seq.value() - 1;
+            }
+          } else if (add) {
+            ranges.push_back({seq.value(), 0, gate});
+          } else {
+            for (auto& range : ranges) {
+              if (range.to == 0) range.to = seq.value();
+            }
+          }
+        });
+    if (!us.ok()) return undo(us);
+  }
+
   std::string value;
   EncodeLogValue(entry, expiry, &value);
   r.batch.Put(Space::kLog, keys::LogKey(c, seq), value);
@@ -371,7 +649,8 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
   std::string head;
   PutFixed64BE(&head, seq.value());
   r.batch.Put(Space::kMeta, keys::HeadKey(c), head);
-  PARLEY_RETURN_IF_ERROR(Commit(*st, r, seq.value()));
+  PARLEY_RETURN_IF_ERROR(Commit(*st, r, seq.value(), &f));
+  Publish(c, mode, f, std::make_shared<const LogEntry>(std::move(entry)));
   return seq;
 }
 
@@ -549,6 +828,14 @@ absl::StatusOr<SendResult> EngineImpl::SendOwned(const SendRequest& q,
                      q.conversation.value())));
   }
 
+  Fanout f;
+  const FanoutMode mode = st->mode;
+  if (mode == FanoutMode::kWrite) {
+    auto members = MembersLocked(*st);
+    if (!members.ok()) return fail(members.status());
+    if (absl::Status ls = LockUsers(*members, &f); !ls.ok()) return fail(ls);
+  }
+
   const Timestamp now = clock_->Now();
   SendResult result;
   result.server_time = now;
@@ -574,7 +861,39 @@ absl::StatusOr<SendResult> EngineImpl::SendOwned(const SendRequest& q,
   value.clear();
   PutFixed64BE(&value, result.seq.value());
   r.batch.Put(Space::kMeta, keys::HeadKey(q.conversation), value);
-  PARLEY_RETURN_IF_ERROR(Commit(*st, r, result.seq.value()));
+  // The sender has read everything up to its own message.
+  r.batch.Put(Space::kCursors, keys::ReadPositionKey(q.sender, q.conversation),
+              value);
+  if (mode == FanoutMode::kWrite) {
+    std::vector<UserId> targets;
+    targets.reserve(f.locked.size());
+    for (const auto& u : f.locked) targets.push_back(u->id);
+    FanOutOnWrite(targets, q.conversation, result.seq, expiry, &f, &r.batch);
+  }
+  PARLEY_RETURN_IF_ERROR(Commit(*st, r, result.seq.value(), &f,
+                                std::make_pair(q.sender, result.seq.value())));
+
+  bool online = false;
+  if (mode == FanoutMode::kWrite) {
+    for (const auto& [u, pts] : f.pts) online = online || delivery_.AnyOnline(u);
+  } else {
+    online = delivery_.AnyOnline(q.conversation);
+  }
+  if (online) {
+    auto entry = std::make_shared<LogEntry>();
+    entry->conversation = q.conversation;
+    entry->seq = result.seq;
+    entry->id = result.id;
+    entry->kind = EntryKind::kMessage;
+    entry->server_time = now;
+    entry->sender = q.sender;
+    entry->device = q.device;
+    entry->client_message_id.assign(q.client_message_id.data(),
+                                    q.client_message_id.size());
+    entry->payload.assign(q.payload.data(), q.payload.size());
+    entry->metadata = q.metadata;
+    Publish(q.conversation, mode, f, entry);
+  }
   return result;
 }
 
@@ -709,6 +1028,286 @@ absl::StatusOr<Seq> EngineImpl::HeadSeq(UserId reader, ConversationId c) {
 }
 
 // ---------------------------------------------------------------------------
+// Delivery
+
+absl::StatusOr<AttachResult> EngineImpl::Attach(
+    UserId user, DeviceId device, std::shared_ptr<DeliverySink> sink,
+    const AttachOptions& options) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  return delivery_.Attach(user, device, std::move(sink), options);
+}
+
+absl::Status EngineImpl::Detach(UserId user, DeviceId device) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  return delivery_.Detach(user, device);
+}
+
+absl::Status EngineImpl::Ack(UserId user, DeviceId device, StreamId stream,
+                             uint64_t position) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  return delivery_.Ack(user, device, stream, position);
+}
+
+absl::StatusOr<SyncPage> EngineImpl::Sync(UserId user, DeviceId device,
+                                          const SyncRequest& request) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  return delivery_.Sync(user, device, request);
+}
+
+absl::StatusOr<std::vector<StreamPosition>> EngineImpl::Positions(
+    UserId user, DeviceId device) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  return delivery_.Positions(user, device);
+}
+
+size_t EngineImpl::ProcessTimers() {
+  OpGuard guard(this);
+  if (!guard.status().ok()) return 0;
+  return delivery_.ProcessTimers();
+}
+
+std::optional<Timestamp> EngineImpl::NextTimerDue() {
+  OpGuard guard(this);
+  if (!guard.status().ok()) return std::nullopt;
+  return delivery_.NextTimerDue();
+}
+
+absl::Status EngineImpl::MarkRead(UserId user, DeviceId device,
+                                  ConversationId c, Seq up_to) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  if (!up_to.valid()) return Invalid("up_to must be nonzero");
+  auto st = cache_.Acquire(c);
+  st->mu.Lock();
+  auto fail = [&](absl::Status s) {
+    st->mu.Unlock();
+    return s;
+  };
+  if (absl::Status s = LoadLocked(*st); !s.ok()) return fail(s);
+  if (!st->exists) {
+    return fail(absl::NotFoundError(
+        absl::StrCat("conversation ", c.value(), " not found")));
+  }
+  auto join = CurrentJoinLocked(*st, user);
+  if (!join.ok()) return fail(join.status());
+  if (!join->has_value()) {
+    return fail(absl::PermissionDeniedError(absl::StrCat(
+        "user ", user.value(), " is not a member of ", c.value())));
+  }
+  if (up_to.value() > st->committed_seq) {
+    return fail(Invalid(absl::StrCat("up_to ", up_to.value(),
+                                     " is past the head ",
+                                     st->committed_seq)));
+  }
+  auto stored = StoredRead(user, c);
+  if (!stored.ok()) return fail(stored.status());
+  if (up_to.value() <= std::max(*stored, PendingReadLocked(*st, user))) {
+    return fail(absl::OkStatus());  // monotonic: nothing to do
+  }
+  std::vector<UserId> receipt_to;
+  if (st->mode == FanoutMode::kWrite) {
+    auto members = MembersLocked(*st);
+    if (!members.ok()) return fail(members.status());
+    receipt_to = std::move(*members);
+  }
+  GroupCommitter::Request r;
+  std::string value;
+  PutFixed64BE(&value, up_to.value());
+  r.batch.Put(Space::kCursors, keys::ReadPositionKey(user, c), value);
+  PARLEY_RETURN_IF_ERROR(
+      Commit(*st, r, 0, nullptr, std::make_pair(user, up_to.value())));
+
+  Event e;
+  e.kind = EventKind::kReadPosition;
+  e.conversation = c;
+  e.from_user = user;
+  e.from_device = device;
+  e.seq = up_to;
+  delivery_.SendEvent(user, user, device, e);
+  e.kind = EventKind::kReceipt;
+  for (UserId m : receipt_to) {
+    if (m != user) delivery_.SendEvent(m, user, device, e);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ReadState> EngineImpl::GetReadState(UserId user,
+                                                   ConversationId c) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  uint64_t head, pending;
+  std::optional<Seq> join;
+  {
+    auto st = cache_.Acquire(c);
+    absl::MutexLock lock(&st->mu);
+    PARLEY_RETURN_IF_ERROR(LoadLocked(*st));
+    if (!st->exists) {
+      return absl::NotFoundError(
+          absl::StrCat("conversation ", c.value(), " not found"));
+    }
+    head = st->committed_seq;
+    pending = PendingReadLocked(*st, user);
+    auto j = CurrentJoinLocked(*st, user);
+    if (!j.ok()) return j.status();
+    join = *j;
+  }
+  auto stored = StoredRead(user, c);
+  if (!stored.ok()) return stored.status();
+  if (!join.has_value()) {
+    auto intervals = ReadIntervals(c, user);
+    if (!intervals.ok()) return intervals.status();
+    if (intervals->empty()) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "user ", user.value(), " is not a member of ", c.value()));
+    }
+  }
+  ReadState out;
+  out.read_up_to = Seq(std::max(*stored, pending));
+  out.head = Seq(head);
+  if (join.has_value()) {
+    const uint64_t seen =
+        std::max(out.read_up_to.value(), join->value() - 1);
+    out.unread = head > seen ? head - seen : 0;
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<DeviceReceipt>> EngineImpl::GetReceipts(
+    UserId reader, ConversationId c, Seq seq) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  std::vector<UserId> members;
+  {
+    auto st = cache_.Acquire(c);
+    absl::MutexLock lock(&st->mu);
+    PARLEY_RETURN_IF_ERROR(LoadLocked(*st));
+    if (!st->exists) {
+      return absl::NotFoundError(
+          absl::StrCat("conversation ", c.value(), " not found"));
+    }
+    if (st->mode != FanoutMode::kWrite) {
+      return absl::FailedPreconditionError(
+          "receipts are tracked per device only in fan-out-on-write "
+          "conversations");
+    }
+    if (!seq.valid() || seq.value() > st->committed_seq) {
+      return absl::NotFoundError(absl::StrCat("no seq ", seq.value()));
+    }
+    auto m = MembersLocked(*st);
+    if (!m.ok()) return m.status();
+    members = std::move(*m);
+  }
+  auto intervals = ReadIntervals(c, reader);
+  if (!intervals.ok()) return intervals.status();
+  if (!Visible(*intervals, seq.value())) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "user ", reader.value(), " may not see seq ", seq.value()));
+  }
+  // The sending device has its own message without an ack.
+  std::string value;
+  LogEntry entry;
+  absl::Status es = storage_->Get(Space::kLog, keys::LogKey(c, seq), &value);
+  if (es.ok()) {
+    PARLEY_RETURN_IF_ERROR(DecodeLogValue(value, &entry));
+  } else if (!absl::IsNotFound(es)) {
+    return es;
+  }
+  std::vector<DeviceReceipt> out;
+  for (UserId m : members) {
+    auto read = StoredRead(m, c);
+    if (!read.ok()) return read.status();
+    const std::string prefix = keys::DeliveredPrefix(m, c);
+    auto it =
+        storage_->NewIterator(Space::kCursors, prefix, PrefixSuccessor(prefix));
+    bool sender_listed = false;
+    for (it->Seek(prefix); it->Valid(); it->Next()) {
+      uint64_t delivered;
+      PARLEY_RETURN_IF_ERROR(DecodeU64Value(it->value(), &delivered));
+      DeviceReceipt rc;
+      rc.user = m;
+      rc.device = DeviceId(DecodeFixed64BE(it->key().data() + prefix.size()));
+      const bool own = m == entry.sender && rc.device == entry.device;
+      sender_listed = sender_listed || own;
+      rc.delivered = own || delivered >= seq.value();
+      rc.read = *read >= seq.value();
+      out.push_back(rc);
+    }
+    PARLEY_RETURN_IF_ERROR(it->status());
+    if (m == entry.sender && entry.device.valid() && !sender_listed) {
+      out.push_back({m, entry.device, true, *read >= seq.value()});
+    }
+  }
+  return out;
+}
+
+absl::Status EngineImpl::SendEphemeral(UserId user, DeviceId device,
+                                       ConversationId c, EventKind kind,
+                                       std::string_view data) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  if (kind != EventKind::kTyping && kind != EventKind::kPresence) {
+    return Invalid("only typing and presence events are ephemeral");
+  }
+  if (data.size() > options_.max_event_bytes) {
+    return Invalid(absl::StrCat("event data exceeds max_event_bytes (",
+                                options_.max_event_bytes, ")"));
+  }
+  std::vector<UserId> members;
+  FanoutMode mode;
+  {
+    auto st = cache_.Acquire(c);
+    absl::MutexLock lock(&st->mu);
+    PARLEY_RETURN_IF_ERROR(LoadLocked(*st));
+    if (!st->exists) {
+      return absl::NotFoundError(
+          absl::StrCat("conversation ", c.value(), " not found"));
+    }
+    auto join = CurrentJoinLocked(*st, user);
+    if (!join.ok()) return join.status();
+    if (!join->has_value()) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "user ", user.value(), " is not a member of ", c.value()));
+    }
+    mode = st->mode;
+    if (mode == FanoutMode::kWrite) {
+      auto m = MembersLocked(*st);
+      if (!m.ok()) return m.status();
+      members = std::move(*m);
+    }
+  }
+  Event e;
+  e.kind = kind;
+  e.conversation = c;
+  e.from_user = user;
+  e.from_device = device;
+  e.data.assign(data.data(), data.size());
+  if (mode == FanoutMode::kWrite) {
+    for (UserId m : members) delivery_.SendEvent(m, user, device, e);
+  } else {
+    delivery_.SendConversationEvent(c, user, device, e);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<FanoutMode> EngineImpl::GetFanoutMode(ConversationId c) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  auto st = cache_.Acquire(c);
+  absl::MutexLock lock(&st->mu);
+  PARLEY_RETURN_IF_ERROR(LoadLocked(*st));
+  if (!st->exists) {
+    return absl::NotFoundError(
+        absl::StrCat("conversation ", c.value(), " not found"));
+  }
+  return st->mode;
+}
+
+// ---------------------------------------------------------------------------
 // Retention and lifecycle
 
 absl::Status EngineImpl::SetRetention(ConversationId c,
@@ -748,6 +1347,12 @@ EngineStats EngineImpl::GetStats() {
   s.storage_writes = committer_.writes();
   s.cached_conversations = cache_.size();
   s.conversation_loads = loads_.load(std::memory_order_relaxed);
+  s.attached_devices = delivery_.attached();
+  s.deliveries = delivery_.deliveries();
+  s.redeliveries = delivery_.redeliveries();
+  s.acks = delivery_.acks();
+  s.resets = delivery_.resets();
+  s.events = delivery_.events();
   return s;
 }
 
@@ -760,6 +1365,7 @@ absl::Status EngineImpl::Close() {
     // Wait for calls in progress: their writes complete or fail first.
     ops_mu_.Await(absl::Condition(
         +[](int* n) { return *n == 0; }, &active_ops_));
+    delivery_.DetachAll();
     storage = std::move(storage_);
   }
   // Buffered writes become durable; the storage itself closes when its last

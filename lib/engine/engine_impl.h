@@ -5,6 +5,7 @@
 #define PARLEY_LIB_ENGINE_ENGINE_IMPL_H_
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -13,14 +14,15 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "dedup/inflight_sends.h"
+#include "delivery/delivery_manager.h"
 #include "ids/message_id_generator.h"
 #include "parley/engine.h"
-#include "sequencer/conversation_cache.h"
+#include "sequencer/state_cache.h"
 #include "sequencer/group_commit.h"
 
 namespace parley {
 
-class EngineImpl final : public Engine {
+class EngineImpl final : public Engine, private HeadSource {
  public:
   EngineImpl(Options options, MessageId id_floor);
   ~EngineImpl() override;
@@ -44,10 +46,66 @@ class EngineImpl final : public Engine {
   absl::Status SetRetention(ConversationId conversation,
                             std::chrono::seconds max_age) override;
   absl::Status ReclaimExpired() override;
+  absl::StatusOr<AttachResult> Attach(UserId user, DeviceId device,
+                                      std::shared_ptr<DeliverySink> sink,
+                                      const AttachOptions& options) override;
+  absl::Status Detach(UserId user, DeviceId device) override;
+  absl::Status Ack(UserId user, DeviceId device, StreamId stream,
+                   uint64_t position) override;
+  absl::StatusOr<SyncPage> Sync(UserId user, DeviceId device,
+                                const SyncRequest& request) override;
+  absl::StatusOr<std::vector<StreamPosition>> Positions(
+      UserId user, DeviceId device) override;
+  size_t ProcessTimers() override;
+  std::optional<Timestamp> NextTimerDue() override;
+  absl::Status MarkRead(UserId user, DeviceId device,
+                        ConversationId conversation, Seq up_to) override;
+  absl::StatusOr<ReadState> GetReadState(UserId user,
+                                         ConversationId conversation) override;
+  absl::StatusOr<std::vector<DeviceReceipt>> GetReceipts(
+      UserId reader, ConversationId conversation, Seq seq) override;
+  absl::Status SendEphemeral(UserId user, DeviceId device,
+                             ConversationId conversation, EventKind kind,
+                             std::string_view data) override;
+  absl::StatusOr<FanoutMode> GetFanoutMode(
+      ConversationId conversation) override;
   EngineStats GetStats() override;
   absl::Status Close() override;
 
  private:
+  // Users whose update streams were locked and given a pts for one entry.
+  struct Fanout {
+    std::vector<std::shared_ptr<UserStreamState>> locked;  // sorted, locked
+    std::vector<std::pair<UserId, uint64_t>> pts;  // entries written
+    std::vector<UserId> ranges_changed;            // kUserIndex updated
+  };
+
+  // HeadSource (for the delivery layer).
+  absl::StatusOr<uint64_t> UserHead(UserId u) override;
+  absl::StatusOr<uint64_t> ConversationHead(ConversationId c) override;
+
+  absl::Status LoadUserLocked(UserStreamState& us)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(us.mu);
+  // The current members (cached list or a storage scan).
+  absl::StatusOr<std::vector<UserId>> MembersLocked(ConversationState& st)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(st.mu);
+  // Locks the update streams of `users` (sorted, distinct) in order.
+  absl::Status LockUsers(const std::vector<UserId>& users, Fanout* f);
+  // Records entry `seq` in the update streams of `targets` (already locked).
+  void FanOutOnWrite(const std::vector<UserId>& targets, ConversationId c,
+                     Seq seq, uint64_t expiry, Fanout* f, WriteBatch* batch);
+  // Read-modify-write of (u, c)'s read ranges into `batch`.
+  absl::Status UpdateRanges(
+      UserId u, ConversationId c, Fanout* f, WriteBatch* batch,
+      const std::function<void(std::vector<ReadRangeValue>&)>& change);
+  uint64_t AssignedPts(const Fanout& f, UserId u) const;
+  // After a successful commit: hand the entry to online devices.
+  void Publish(ConversationId c, FanoutMode mode, const Fanout& f,
+               const std::shared_ptr<const LogEntry>& entry);
+  uint64_t PendingReadLocked(const ConversationState& st, UserId u) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(st.mu);
+  absl::StatusOr<uint64_t> StoredRead(UserId u, ConversationId c);
+
   // Counts an API call in progress; refuses calls after Close().
   class OpGuard;
 
@@ -69,8 +127,14 @@ class EngineImpl final : public Engine {
                                    bool add);
   // Writes through group commit and waits; on success advances the state's
   // committed seq to `seq` (if nonzero).
+  // Also releases the users locked in `f` after queueing, advances their
+  // committed pts on success, and clears `pending_read` (if set) from the
+  // state's pending reads when done.
   absl::Status Commit(ConversationState& st, GroupCommitter::Request& r,
-                      uint64_t seq) ABSL_UNLOCK_FUNCTION(st.mu);
+                      uint64_t seq, Fanout* f = nullptr,
+                      std::optional<std::pair<UserId, uint64_t>>
+                          pending_read = std::nullopt)
+      ABSL_UNLOCK_FUNCTION(st.mu);
   uint64_t RetentionExpiryLocked(const ConversationState& st, Timestamp now)
       const ABSL_EXCLUSIVE_LOCKS_REQUIRED(st.mu);
   std::string MetaValueLocked(const ConversationState& st) const
@@ -83,7 +147,10 @@ class EngineImpl final : public Engine {
   MessageIdGenerator ids_;
   GroupCommitter committer_;
   ConversationCache cache_;
+  UserStreamCache users_;
   InflightSends inflight_;
+  std::shared_ptr<FanoutPolicy> policy_;
+  DeliveryManager delivery_;
 
   absl::Mutex ops_mu_;
   bool closed_ ABSL_GUARDED_BY(ops_mu_) = false;

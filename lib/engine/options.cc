@@ -39,6 +39,20 @@ absl::Status Options::Validate() const {
   if (max_group_commit_sends == 0) {
     return Bad("max_group_commit_sends", "must be > 0");
   }
+  if (fanout_threshold == 0) return Bad("fanout_threshold", "must be > 0");
+  if (max_in_flight_per_device == 0) {
+    return Bad("max_in_flight_per_device", "must be > 0");
+  }
+  if (ack_timeout.count() <= 0) return Bad("ack_timeout", "must be > 0");
+  if (max_retry_interval < ack_timeout) {
+    return Bad("max_retry_interval", "must be >= ack_timeout");
+  }
+  if (!(retry_jitter >= 0 && retry_jitter < 1)) {
+    return Bad("retry_jitter", "must be in [0, 1)");
+  }
+  if (max_catchup_entries == 0) {
+    return Bad("max_catchup_entries", "must be > 0");
+  }
   return absl::OkStatus();
 }
 

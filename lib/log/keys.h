@@ -7,6 +7,13 @@
 //   kMembers      conv user             -> MemberRecord
 //   kDedup        user device client_id -> expiry | DedupRecord
 //   kMessageIndex message_id            -> expiry | conv seq
+//   kMeta         "p" user              -> user stream head pts (8 bytes)
+//   kUserStream   user pts              -> expiry | conv seq
+//   kUserIndex    user conv             -> UserConversation (read ranges)
+//   kCursors      user "r" conv         -> read-up-to seq
+//                 user "D" device "u"   -> acked pts
+//                 user "D" device "c" conv -> acked seq (read fan-out stream)
+//                 user "d" conv device  -> delivered (acked) seq, receipts
 
 #ifndef PARLEY_LIB_LOG_KEYS_H_
 #define PARLEY_LIB_LOG_KEYS_H_
@@ -76,6 +83,88 @@ inline std::string DedupKey(UserId u, DeviceId d, std::string_view client_id) {
 inline std::string MessageIndexKey(MessageId id) {
   std::string k;
   PutFixed64BE(&k, id.value());
+  return k;
+}
+
+inline std::string PtsHeadKey(UserId u) {
+  std::string k("p");
+  PutFixed64BE(&k, u.value());
+  return k;
+}
+
+inline std::string UserStreamKey(UserId u, uint64_t pts) {
+  std::string k;
+  k.reserve(16);
+  PutFixed64BE(&k, u.value());
+  PutFixed64BE(&k, pts);
+  return k;
+}
+
+inline uint64_t PtsOfUserStreamKey(std::string_view key) {
+  return DecodeFixed64BE(key.data() + 8);
+}
+
+inline std::string UserPrefix(UserId u) {
+  std::string k;
+  PutFixed64BE(&k, u.value());
+  return k;
+}
+
+inline std::string UserIndexKey(UserId u, ConversationId c) {
+  std::string k;
+  k.reserve(16);
+  PutFixed64BE(&k, u.value());
+  PutFixed64BE(&k, c.value());
+  return k;
+}
+
+inline ConversationId ConversationOfUserIndexKey(std::string_view key) {
+  return ConversationId(DecodeFixed64BE(key.data() + 8));
+}
+
+inline std::string ReadPositionKey(UserId u, ConversationId c) {
+  std::string k = UserPrefix(u);
+  k.push_back('r');
+  PutFixed64BE(&k, c.value());
+  return k;
+}
+
+inline std::string DeviceCursorPrefix(UserId u, DeviceId d) {
+  std::string k = UserPrefix(u);
+  k.push_back('D');
+  PutFixed64BE(&k, d.value());
+  return k;
+}
+
+inline std::string DeviceUserCursorKey(UserId u, DeviceId d) {
+  std::string k = DeviceCursorPrefix(u, d);
+  k.push_back('u');
+  return k;
+}
+
+inline std::string DeviceConversationCursorPrefix(UserId u, DeviceId d) {
+  std::string k = DeviceCursorPrefix(u, d);
+  k.push_back('c');
+  return k;
+}
+
+inline std::string DeviceConversationCursorKey(UserId u, DeviceId d,
+                                               ConversationId c) {
+  std::string k = DeviceConversationCursorPrefix(u, d);
+  PutFixed64BE(&k, c.value());
+  return k;
+}
+
+inline std::string DeliveredPrefix(UserId u, ConversationId c) {
+  std::string k = UserPrefix(u);
+  k.push_back('d');
+  PutFixed64BE(&k, c.value());
+  return k;
+}
+
+inline std::string DeliveredKey(UserId u, ConversationId c, DeviceId d) {
+  std::string k = DeliveredPrefix(u, c);
+  PutFixed64BE(&k, d.value());
   return k;
 }
 

@@ -118,6 +118,7 @@ std::string EncodeConversationMeta(const ConversationMetaValue& v) {
   r.set_retention_seconds(v.retention_seconds);
   r.set_created_micros(ToMicros(v.created));
   r.set_member_count(v.member_count);
+  r.set_fanout_mode(static_cast<uint32_t>(v.mode));
   return r.SerializeAsString();
 }
 
@@ -132,6 +133,9 @@ absl::Status DecodeConversationMeta(std::string_view value,
   v->retention_seconds = r.retention_seconds();
   v->created = FromMicros(r.created_micros());
   v->member_count = r.member_count();
+  v->mode = r.fanout_mode() == static_cast<uint32_t>(FanoutMode::kRead)
+                ? FanoutMode::kRead
+                : FanoutMode::kWrite;
   return absl::OkStatus();
 }
 
@@ -170,6 +174,41 @@ absl::Status DecodeIndexValue(std::string_view value, ConversationId* c,
   if (value.size() != 24) return Corrupt("message index");
   *c = ConversationId(DecodeFixed64BE(value.data() + 8));
   *s = Seq(DecodeFixed64BE(value.data() + 16));
+  return absl::OkStatus();
+}
+
+std::string EncodeReadRanges(const std::vector<ReadRangeValue>& v) {
+  records::UserConversation r;
+  for (const auto& range : v) {
+    auto* out = r.add_ranges();
+    out->set_from_seq(range.from);
+    out->set_to_seq(range.to);
+    out->set_gate_pts(range.gate_pts);
+  }
+  return r.SerializeAsString();
+}
+
+absl::Status DecodeReadRanges(std::string_view value,
+                              std::vector<ReadRangeValue>* v) {
+  records::UserConversation r;
+  if (!r.ParseFromArray(value.data(), static_cast<int>(value.size()))) {
+    return Corrupt("user conversation record");
+  }
+  v->clear();
+  for (const auto& range : r.ranges()) {
+    v->push_back({range.from_seq(), range.to_seq(), range.gate_pts()});
+  }
+  return absl::OkStatus();
+}
+
+void EncodeUserStreamValue(ConversationId c, Seq s, uint64_t expiry_micros,
+                           std::string* out) {
+  EncodeIndexValue(c, s, expiry_micros, out);
+}
+
+absl::Status DecodeU64Value(std::string_view value, uint64_t* v) {
+  if (value.size() != 8) return Corrupt("counter");
+  *v = DecodeFixed64BE(value.data());
   return absl::OkStatus();
 }
 

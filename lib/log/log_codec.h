@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "parley/delivery.h"
 #include "parley/types.h"
 
 namespace parley {
@@ -48,6 +49,7 @@ struct ConversationMetaValue {
   int64_t retention_seconds = 0;
   Timestamp created;
   uint32_t member_count = 0;
+  FanoutMode mode = FanoutMode::kWrite;
 };
 std::string EncodeConversationMeta(const ConversationMetaValue& v);
 absl::Status DecodeConversationMeta(std::string_view value,
@@ -62,6 +64,26 @@ void EncodeIndexValue(ConversationId c, Seq s, uint64_t expiry_micros,
                       std::string* out);
 absl::Status DecodeIndexValue(std::string_view value, ConversationId* c,
                               Seq* s);
+
+// A stretch of a conversation a user receives through a per-conversation
+// stream (see records.proto ReadRange).
+struct ReadRangeValue {
+  uint64_t from = 0;
+  uint64_t to = 0;  // 0 = open
+  uint64_t gate_pts = 0;
+  friend bool operator==(const ReadRangeValue&,
+                         const ReadRangeValue&) = default;
+};
+std::string EncodeReadRanges(const std::vector<ReadRangeValue>& v);
+absl::Status DecodeReadRanges(std::string_view value,
+                              std::vector<ReadRangeValue>* v);
+
+// kUserStream value: expiry | conv | seq.
+void EncodeUserStreamValue(ConversationId c, Seq s, uint64_t expiry_micros,
+                           std::string* out);
+
+// A big-endian u64 value (heads, cursors). DataLoss if not 8 bytes.
+absl::Status DecodeU64Value(std::string_view value, uint64_t* v);
 
 // The content a retry must match: conversation, payload and metadata.
 uint64_t ContentHash(const SendRequest& request);

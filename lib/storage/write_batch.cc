@@ -51,6 +51,8 @@ std::string_view SpaceName(Space space) {
       return "user_stream";
     case Space::kCursors:
       return "cursors";
+    case Space::kUserIndex:
+      return "user_index";
   }
   return "invalid";
 }
@@ -65,6 +67,7 @@ bool SpaceHasExpiry(Space space) {
     case Space::kMeta:
     case Space::kMembers:
     case Space::kCursors:
+    case Space::kUserIndex:
       return false;
   }
   return false;

@@ -18,6 +18,7 @@
 #ifndef PARLEY_STORAGE_H_
 #define PARLEY_STORAGE_H_
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -130,7 +131,10 @@ class Storage {
                            std::string* value) = 0;
 
   // An iterator over keys in [lower, upper); an empty `upper` means no upper
-  // bound. The bounds are copied.
+  // bound. The bounds are copied. It starts unpositioned. After Close() (or
+  // for a bad space) its status() is FailedPrecondition (InvalidArgument).
+  // An iterator still alive at Close() keeps working; the medium is released
+  // when the last one is destroyed.
   virtual std::unique_ptr<StorageIterator> NewIterator(
       Space space, std::string_view lower, std::string_view upper) = 0;
 
@@ -141,11 +145,14 @@ class Storage {
   // expiring spaces. Expensive; meant for tests and maintenance windows.
   virtual absl::Status CompactAll() = 0;
 
-  // Approximate bytes held by the space on its medium (memory or disk).
+  // Approximate bytes held by the space on its medium (memory or disk); 0
+  // after Close().
   virtual uint64_t ApproximateSize(Space space) = 0;
 
-  // Flushes and releases resources. Further calls return FailedPrecondition.
-  // Idempotent.
+  // Makes the log durable and releases resources. Further calls return
+  // FailedPrecondition. Idempotent. The engine never closes the storage it
+  // was given (it only lets go of it), so a memory storage shared between
+  // engine instances keeps its data.
   virtual absl::Status Close() = 0;
 };
 

@@ -32,8 +32,7 @@ namespace {
 // std::less<> allows lookups by std::string_view without a copy.
 using KeyValueMap = std::map<std::string, std::string, std::less<>>;
 // Key -> value at the last sync; nullopt means the key was absent then.
-using UndoMap =
-    std::map<std::string, std::optional<std::string>, std::less<>>;
+using UndoMap = std::map<std::string, std::optional<std::string>, std::less<>>;
 using Entries = std::vector<std::pair<std::string, std::string>>;
 
 absl::Status ClosedError() {
@@ -86,8 +85,9 @@ class SnapshotIterator final : public StorageIterator {
     auto it = std::upper_bound(
         entries_.begin(), entries_.end(), target,
         [](std::string_view t, const auto& entry) { return t < entry.first; });
-    pos_ = it == entries_.begin() ? entries_.size()
-                                  : static_cast<size_t>(it - entries_.begin()) - 1;
+    pos_ = it == entries_.begin()
+               ? entries_.size()
+               : static_cast<size_t>(it - entries_.begin()) - 1;
   }
 
   void Next() override { ++pos_; }

@@ -138,7 +138,8 @@ class BatchTranslator final : public WriteBatch::Handler {
 
   void Put(Space space, std::string_view key, std::string_view value) override {
     if (!status_.ok()) return;
-    status_ = batch_.Put(db_.spaces[Index(space)], ToSlice(key), ToSlice(value));
+    status_ =
+        batch_.Put(db_.spaces[Index(space)], ToSlice(key), ToSlice(value));
   }
   void Delete(Space space, std::string_view key) override {
     if (!status_.ok()) return;
@@ -163,8 +164,14 @@ class ErrorIterator final : public StorageIterator {
   void SeekForPrev(std::string_view) override {}
   void Next() override { PARLEY_CHECK(false); }
   void Prev() override { PARLEY_CHECK(false); }
-  std::string_view key() const override { PARLEY_CHECK(false); return {}; }
-  std::string_view value() const override { PARLEY_CHECK(false); return {}; }
+  std::string_view key() const override {
+    PARLEY_CHECK(false);
+    return {};
+  }
+  std::string_view value() const override {
+    PARLEY_CHECK(false);
+    return {};
+  }
   absl::Status status() const override { return status_; }
 
  private:
@@ -243,10 +250,10 @@ class RocksDbStorage final : public Storage {
     }
     absl::ReaderMutexLock lock(&mu_);
     if (db_ == nullptr) return ClosedError();
-    return FromRocks(db_->db->Get(rocksdb::ReadOptions(),
-                                  db_->spaces[Index(space)], ToSlice(key),
-                                  value),
-                     "Get");
+    return FromRocks(
+        db_->db->Get(rocksdb::ReadOptions(), db_->spaces[Index(space)],
+                     ToSlice(key), value),
+        "Get");
   }
 
   std::unique_ptr<StorageIterator> NewIterator(
@@ -274,7 +281,8 @@ class RocksDbStorage final : public Storage {
     rocksdb::FlushOptions flush_options;
     flush_options.wait = true;
     for (rocksdb::ColumnFamilyHandle* handle : db_->handles) {
-      absl::Status s = FromRocks(db_->db->Flush(flush_options, handle), "Flush");
+      absl::Status s =
+          FromRocks(db_->db->Flush(flush_options, handle), "Flush");
       if (!s.ok()) return s;
     }
     // kForce: rewrite the bottommost level too, or records already compacted
@@ -310,8 +318,7 @@ class RocksDbStorage final : public Storage {
     std::shared_ptr<Database> db;
     {
       absl::MutexLock lock(&mu_);
-      db = std::move(db_);
-      db_ = nullptr;
+      db = std::move(db_);  // leaves db_ null: later calls see "closed"
     }
     if (db == nullptr) return absl::OkStatus();
     // Live iterators still own the DB: sync now and let the last one close
@@ -409,9 +416,8 @@ absl::StatusOr<std::unique_ptr<Storage>> OpenRocksDbStorage(
   // DB::Open reports with a better message).
 
   rocksdb::DB* raw_db = nullptr;
-  rocksdb::Status opened = rocksdb::DB::Open(db_options, options.path,
-                                             descriptors, &database->handles,
-                                             &raw_db);
+  rocksdb::Status opened = rocksdb::DB::Open(
+      db_options, options.path, descriptors, &database->handles, &raw_db);
   database->db.reset(raw_db);
   if (!opened.ok()) {
     absl::Status status = FromRocks(opened, "Open");

@@ -222,7 +222,10 @@ absl::StatusOr<DeliveryManager::DevicePtr> DeliveryManager::Build(
           "resume position ", cpos, " is past conversation ", c.value(),
           "'s head ", *head));
     }
-    if (RangesDone(ranges, cpos)) continue;
+    if (RangesDone(ranges, cpos)) {
+      dev->attach_floor[c.value()] = cpos;
+      continue;
+    }
     bool creset = CountInRanges(ranges, cpos, *head) >
                   options_.max_catchup_entries;
     const ReadRangeValue* range = nullptr;
@@ -259,11 +262,16 @@ absl::StatusOr<DeliveryManager::DevicePtr> DeliveryManager::Build(
     std::string v;
     PutFixed64BE(&v, us.acked);
     batch.Put(Space::kCursors, keys::DeviceUserCursorKey(u, d), v);
-    for (const auto& [c, cs] : dev->conversations) {
+    auto put_conversation = [&](uint64_t c, uint64_t position) {
       v.clear();
-      PutFixed64BE(&v, cs.acked);
+      PutFixed64BE(&v, position);
       batch.Put(Space::kCursors,
                 keys::DeviceConversationCursorKey(u, d, ConversationId(c)), v);
+    };
+    for (const auto& [c, cs] : dev->conversations) put_conversation(c, cs.acked);
+    // Finished stretches too: a later attach must not replay them.
+    for (const auto& [c, position] : dev->attach_floor) {
+      put_conversation(c, position);
     }
     PARLEY_RETURN_IF_ERROR(storage_->Write(batch, write_options_));
   }
@@ -297,10 +305,15 @@ absl::Status DeliveryManager::RefreshRanges(
       // earlier): start after the stored cursor, else right before it.
       uint64_t pos = ranges.front().from - 1;
       std::string value;
-      absl::Status s = storage_->Get(
+      auto floor = d.attach_floor.find(c.value());
+      absl::Status s = floor != d.attach_floor.end()
+          ? absl::NotFoundError("")
+          : storage_->Get(
           Space::kCursors,
           keys::DeviceConversationCursorKey(d.user, d.device, c), &value);
-      if (s.ok()) {
+      if (floor != d.attach_floor.end()) {
+        pos = floor->second;
+      } else if (s.ok()) {
         PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &pos));
       } else if (!absl::IsNotFound(s)) {
         return s;
@@ -383,6 +396,7 @@ absl::StatusOr<AttachResult> DeliveryManager::Attach(
   {
     absl::MutexLock lock(&device->mu);
     absl::Status s = RefreshRanges(*device, std::nullopt);
+    device->attach_floor.clear();
     if (s.ok()) s = RefreshHeads(*device);
     if (!s.ok()) {
       device->mu.Unlock();
@@ -419,6 +433,7 @@ absl::Status DeliveryManager::Detach(UserId u, DeviceId d) {
     }
   }
   absl::MutexLock lock(&dev->mu);
+  Unschedule(*dev);
   dev->attached = false;
   dev->outbox.clear();
   dev->user_stream.inflight.clear();
@@ -720,6 +735,19 @@ absl::Status DeliveryManager::Ack(UserId u, DeviceId d, StreamId stream,
     } else {
       auto it = dev->conversations.find(stream.conversation.value());
       if (it == dev->conversations.end()) {
+        // A finished stream: a late ack within it is a no-op.
+        std::string value;
+        uint64_t stored = 0;
+        absl::Status gs = storage_->Get(
+            Space::kCursors,
+            keys::DeviceConversationCursorKey(u, d, stream.conversation),
+            &value);
+        if (gs.ok()) {
+          PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &stored));
+        } else if (!absl::IsNotFound(gs)) {
+          return gs;
+        }
+        if (gs.ok() && position <= stored) return absl::OkStatus();
         return absl::InvalidArgumentError(
             "the device has no stream for that conversation");
       }
@@ -745,6 +773,7 @@ absl::Status DeliveryManager::Ack(UserId u, DeviceId d, StreamId stream,
     dev->in_flight -= done.size();
     s->acked = acked;
     acks_.fetch_add(1, std::memory_order_relaxed);
+    if (dev->in_flight == 0) Unschedule(*dev);
     if (s->id.kind == StreamKind::kConversation &&
         RangesDone(s->ranges, s->acked) && s->inflight.empty()) {
       dev->conversations.erase(s->id.conversation.value());
@@ -758,6 +787,16 @@ absl::Status DeliveryManager::Ack(UserId u, DeviceId d, StreamId stream,
 absl::Status DeliveryManager::AckDetached(UserId u, DeviceId d,
                                           StreamId stream, uint64_t position) {
   // Pull mode (Sync): no session; move the stored cursor forward only.
+  {
+    std::string known;
+    absl::Status ks = storage_->Get(Space::kCursors,
+                                    keys::DeviceUserCursorKey(u, d), &known);
+    if (absl::IsNotFound(ks)) {
+      return absl::NotFoundError(
+          "the device is neither attached nor known from an earlier session");
+    }
+    PARLEY_RETURN_IF_ERROR(ks);
+  }
   std::string key;
   absl::StatusOr<uint64_t> head;
   if (stream.kind == StreamKind::kUser) {
@@ -876,9 +915,18 @@ int64_t DeliveryManager::RetryDelayMicros(uint32_t attempt) {
 
 void DeliveryManager::Schedule(Device& d, int64_t due) {
   if (d.scheduled_due != 0 && d.scheduled_due <= due) return;
-  d.scheduled_due = due;
+  const DeviceKey key(d.user.value(), d.device.value());
   absl::MutexLock lock(&timers_mu_);
-  timers_.insert({due, DeviceKey(d.user.value(), d.device.value())});
+  if (d.scheduled_due != 0) timers_.erase({d.scheduled_due, key});
+  d.scheduled_due = due;
+  timers_.insert({due, key});
+}
+
+void DeliveryManager::Unschedule(Device& d) {
+  if (d.scheduled_due == 0) return;
+  absl::MutexLock lock(&timers_mu_);
+  timers_.erase({d.scheduled_due, DeviceKey(d.user.value(), d.device.value())});
+  d.scheduled_due = 0;
 }
 
 std::optional<Timestamp> DeliveryManager::NextTimerDue() {

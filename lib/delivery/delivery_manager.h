@@ -131,6 +131,9 @@ class DeliveryManager {
     std::vector<Outgoing> outbox ABSL_GUARDED_BY(mu);
     bool draining ABSL_GUARDED_BY(mu) = false;
     int64_t scheduled_due ABSL_GUARDED_BY(mu) = 0;
+    // While attaching: where Build() placed conversations it found finished,
+    // so the refresh after registration does not replay them.
+    std::map<uint64_t, uint64_t> attach_floor ABSL_GUARDED_BY(mu);
   };
   using DevicePtr = std::shared_ptr<Device>;
   using DeviceKey = std::pair<uint64_t, uint64_t>;  // user, device
@@ -160,6 +163,8 @@ class DeliveryManager {
             std::shared_ptr<const LogEntry> entry)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
   void Schedule(Device& d, int64_t due) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
+  // Forgets the device's timer (nothing left in flight).
+  void Unschedule(Device& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
   int64_t RetryDelayMicros(uint32_t attempt);
   // Hands the outbox to the sink unless another thread already does.
   void Drain(const DevicePtr& d);

@@ -762,8 +762,8 @@ absl::Status DeliveryManager::Ack(UserId u, DeviceId d, StreamId stream,
     auto split = std::find_if(
         s->inflight.begin(), s->inflight.end(),
         [&](const InFlight& f) { return f.position > position; });
-    std::vector<InFlight> done(std::make_move_iterator(s->inflight.begin()),
-                               std::make_move_iterator(split));
+    // Copied, not moved: if the write fails, the deliveries stay in flight.
+    std::vector<InFlight> done(s->inflight.begin(), split);
     // Everything up to the first still unacked delivery is done (positions
     // skipped in between carried nothing for this device).
     const uint64_t acked =

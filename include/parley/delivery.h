@@ -103,9 +103,11 @@ class DeliverySink {
 };
 
 struct AttachOptions {
-  // The device's last acked positions. Empty: the positions stored by the
-  // engine from the device's acks; a device the engine has never seen starts
-  // at the current heads (it fetches older history with ReadHistory).
+  // The device's last acked positions. Streams not listed use the position
+  // stored from the device's acks, or, for a conversation stream the device
+  // never had, the start of the user's fan-out-on-read stretch. Empty (and no
+  // stored positions): a device the engine has never seen starts at the
+  // current heads (it fetches older history with ReadHistory).
   std::vector<StreamPosition> resume_from;
 };
 

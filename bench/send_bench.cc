@@ -388,6 +388,7 @@ std::unique_ptr<parley::Engine> OpenEngine(
   options.clock = parley::SystemClock();
   options.durability = durability;
   options.max_cached_conversations = max_cached;
+  options.max_cached_user_streams = max_cached;
   return Take(parley::Engine::Open(std::move(options)), "Engine::Open");
 }
 
@@ -556,8 +557,8 @@ std::optional<MemoryReport> g_template_memory;
 const fs::path& ManyConversationTemplate() {
   if (g_template_dir.empty()) {
     fs::path dir = NewTempDir("template");
-    g_template_memory = CreateManyConversations(
-        dir, parley::Options().max_cached_conversations);
+    // Everything cached: the contrast to the bounded run.
+    g_template_memory = CreateManyConversations(dir, kManyConversations);
     std::fprintf(stderr,
                  "[setup] template database: %" PRIu64
                  " conversations created + 1 msg each in %.1f s\n",

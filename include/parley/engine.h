@@ -160,7 +160,8 @@ class Engine {
   // Acknowledges everything in `stream` up to `position`, durably; retries of
   // acked deliveries stop. An ack at or below the acked position is a no-op
   // (late or duplicate acks are harmless). A device that is not attached
-  // (pull mode, see Sync) moves its stored position forward up to the head.
+  // (pull mode, see Sync) moves its stored position forward, up to what Sync
+  // handed it.
   // InvalidArgument if `position` was never delivered to the attached device
   // (or is past the head); NotFound if the engine has never seen the device;
   // Unavailable.

@@ -87,8 +87,11 @@ struct Options {
 
   // Conversations whose state (head seq, members of small groups) is kept in
   // memory; the least recently used beyond this are evicted and reloaded on
-  // demand. Default: 100000.
-  size_t max_cached_conversations = 100000;
+  // demand (a few point reads). About 250 bytes each. Default: 10000.
+  size_t max_cached_conversations = 10000;
+  // Same for users' update-stream counters (pts). About 100 bytes each.
+  // Default: 10000.
+  size_t max_cached_user_streams = 10000;
 
   // Most sends merged into one storage write by group commit. Default: 256.
   size_t max_group_commit_sends = 256;

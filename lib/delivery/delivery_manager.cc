@@ -820,6 +820,24 @@ absl::Status DeliveryManager::AckDetached(UserId u, DeviceId d,
     return s;
   }
   if (position <= prev) return absl::OkStatus();
+  // Only what Sync handed out may be acked.
+  uint64_t handed = 0;
+  s = storage_->Get(Space::kCursors,
+                    keys::DeviceSyncKey(u, d,
+                                        stream.kind == StreamKind::kUser
+                                            ? ConversationId()
+                                            : stream.conversation),
+                    &value);
+  if (s.ok()) {
+    PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &handed));
+  } else if (!absl::IsNotFound(s)) {
+    return s;
+  }
+  if (position > handed) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ack position ", position, " was never delivered (handed out up to ",
+        std::max(handed, prev), ")"));
+  }
   value.clear();
   PutFixed64BE(&value, position);
   WriteBatch batch;
@@ -885,7 +903,23 @@ absl::StatusOr<SyncPage> DeliveryManager::Sync(UserId u, DeviceId d,
     const uint64_t next = NextInRanges(s.ranges, s.sent, &range);
     if (next != 0 && next <= s.known_head) page.more = true;
   }
-  // Nothing of a pull session is tracked: drop it with its timers.
+  // Remember how far each stream was handed out: the device may ack up to
+  // there and no further.
+  WriteBatch handed;
+  std::string v;
+  auto note = [&](const Stream& s) {
+    if (s.sent <= s.acked) return;
+    v.clear();
+    PutFixed64BE(&v, s.sent);
+    handed.Put(Space::kCursors,
+               keys::DeviceSyncKey(u, d, s.id.conversation), v);
+  };
+  note(device.user_stream);
+  for (const auto& [c, s] : device.conversations) note(s);
+  if (!handed.empty()) {
+    PARLEY_RETURN_IF_ERROR(storage_->Write(handed, write_options_));
+  }
+  // Nothing else of a pull session is tracked.
   device.outbox.clear();
   return page;
 }

@@ -37,19 +37,28 @@ absl::Status Invalid(std::string_view what) {
 class EngineImpl::OpGuard {
  public:
   explicit OpGuard(EngineImpl* e) : e_(e) {
-    absl::MutexLock lock(&e_->ops_mu_);
-    ok_ = !e_->closed_;
-    if (ok_) ++e_->active_ops_;
+    e_->active_ops_.fetch_add(1, std::memory_order_seq_cst);
+    ok_ = !e_->closed_.load(std::memory_order_seq_cst);
+    if (!ok_) Leave();
   }
   ~OpGuard() {
-    if (!ok_) return;
-    absl::MutexLock lock(&e_->ops_mu_);
-    --e_->active_ops_;
+    if (ok_) Leave();
   }
   absl::Status status() const {
     return ok_ ? absl::OkStatus()
                : absl::FailedPreconditionError(kClosedMessage);
   }
+
+ private:
+  void Leave() {
+    if (e_->active_ops_.fetch_sub(1, std::memory_order_seq_cst) == 1 &&
+        e_->closed_.load(std::memory_order_seq_cst)) {
+      // Wake Close(): its Await re-checks the count when the mutex is freed.
+      absl::MutexLock lock(&e_->ops_mu_);
+    }
+  }
+
+ public:
 
  private:
   EngineImpl* const e_;
@@ -64,7 +73,7 @@ EngineImpl::EngineImpl(Options options, MessageId id_floor)
       committer_(storage_.get(), options_.durability == Durability::kSync,
                  options_.max_group_commit_sends),
       cache_(options_.max_cached_conversations),
-      users_(options_.max_cached_conversations),
+      users_(options_.max_cached_user_streams),
       policy_(options_.fanout_policy
                   ? options_.fanout_policy
                   : NewThresholdFanoutPolicy(options_.fanout_threshold)),
@@ -1360,11 +1369,12 @@ absl::Status EngineImpl::Close() {
   std::shared_ptr<Storage> storage;
   {
     absl::MutexLock lock(&ops_mu_);
-    if (closed_) return absl::OkStatus();
-    closed_ = true;
+    if (close_done_) return absl::OkStatus();
+    close_done_ = true;
+    closed_.store(true, std::memory_order_seq_cst);
     // Wait for calls in progress: their writes complete or fail first.
     ops_mu_.Await(absl::Condition(
-        +[](int* n) { return *n == 0; }, &active_ops_));
+        +[](std::atomic<int>* n) { return n->load() == 0; }, &active_ops_));
     delivery_.DetachAll();
     storage = std::move(storage_);
   }

@@ -152,9 +152,13 @@ class EngineImpl final : public Engine, private HeadSource {
   std::shared_ptr<FanoutPolicy> policy_;
   DeliveryManager delivery_;
 
+  // Calls in progress, without a shared lock on the hot path: a call bumps
+  // active_ops_ and then checks closed_; Close() sets closed_ and waits on
+  // ops_mu_ for active_ops_ to drain (the last call out pokes the mutex).
   absl::Mutex ops_mu_;
-  bool closed_ ABSL_GUARDED_BY(ops_mu_) = false;
-  int active_ops_ ABSL_GUARDED_BY(ops_mu_) = 0;
+  std::atomic<bool> closed_{false};
+  std::atomic<int> active_ops_{0};
+  bool close_done_ ABSL_GUARDED_BY(ops_mu_) = false;
 
   std::atomic<uint64_t> sends_ok_{0};
   std::atomic<uint64_t> sends_duplicate_{0};

@@ -36,6 +36,9 @@ absl::Status Options::Validate() const {
   if (max_cached_conversations == 0) {
     return Bad("max_cached_conversations", "must be > 0");
   }
+  if (max_cached_user_streams == 0) {
+    return Bad("max_cached_user_streams", "must be > 0");
+  }
   if (max_group_commit_sends == 0) {
     return Bad("max_group_commit_sends", "must be > 0");
   }

@@ -13,6 +13,7 @@
 //   kCursors      user "r" conv         -> read-up-to seq
 //                 user "D" device "u"   -> acked pts
 //                 user "D" device "c" conv -> acked seq (read fan-out stream)
+//                 user "D" device "s" conv -> handed out by Sync (0 = user)
 //                 user "d" conv device  -> delivered (acked) seq, receipts
 
 #ifndef PARLEY_LIB_LOG_KEYS_H_
@@ -151,6 +152,15 @@ inline std::string DeviceConversationCursorPrefix(UserId u, DeviceId d) {
 inline std::string DeviceConversationCursorKey(UserId u, DeviceId d,
                                                ConversationId c) {
   std::string k = DeviceConversationCursorPrefix(u, d);
+  PutFixed64BE(&k, c.value());
+  return k;
+}
+
+// How far Sync() has handed out a stream to a device in pull mode (the
+// conversation is 0 for the user stream): acks beyond it are refused.
+inline std::string DeviceSyncKey(UserId u, DeviceId d, ConversationId c) {
+  std::string k = DeviceCursorPrefix(u, d);
+  k.push_back('s');
   PutFixed64BE(&k, c.value());
   return k;
 }

@@ -55,8 +55,12 @@ TEST_CASE(
     "an offline device catching up while messages keep arriving gets every "
     "entry once, in seq order",
     "[delivery][catchup]") {
-  TestEnv env(GENERATE(as<std::string>{}, "memory", "rocksdb"));
-  const size_t threshold = GENERATE(size_t{100}, size_t{1});
+  // Both fan-out modes on memory, one on RocksDB (keeps the suite fast).
+  const auto params = GENERATE(table<std::string, size_t>(
+      {{"memory", 100}, {"memory", 1}, {"rocksdb", 100}}));
+  const std::string backend = std::get<0>(params);
+  const size_t threshold = std::get<1>(params);
+  TestEnv env(backend);
   Options o = env.MakeOptions();
   o.fanout_threshold = threshold;
   o.max_in_flight_per_device = 3;
@@ -84,8 +88,10 @@ TEST_CASE(
     const int n = hook_count++;
     if (n >= 5) return;
     const std::string id = "hook-" + std::to_string(n);
-    auto r = engine->Send({.sender = kAlice, .device = kPhone,
-                           .conversation = kRoom, .client_message_id = id,
+    auto r = engine->Send({.sender = kAlice,
+                           .device = kPhone,
+                           .conversation = kRoom,
+                           .client_message_id = id,
                            .payload = id});
     std::lock_guard<std::mutex> l(mu);
     hook_sends.push_back(r.status());
@@ -132,8 +138,12 @@ TEST_CASE(
     "a device that never acks holds at most max_in_flight entries; senders "
     "and the user's other devices are not held back",
     "[delivery][window]") {
-  TestEnv env(GENERATE(as<std::string>{}, "memory", "rocksdb"));
-  const size_t threshold = GENERATE(size_t{100}, size_t{1});
+  // Both fan-out modes on memory, one on RocksDB (keeps the suite fast).
+  const auto params = GENERATE(table<std::string, size_t>(
+      {{"memory", 100}, {"memory", 1}, {"rocksdb", 1}}));
+  const std::string backend = std::get<0>(params);
+  const size_t threshold = std::get<1>(params);
+  TestEnv env(backend);
   Options o = env.MakeOptions();
   o.fanout_threshold = threshold;
   o.max_in_flight_per_device = 4;
@@ -200,8 +210,12 @@ TEST_CASE(
 
 TEST_CASE("a device too far behind is reset to the head instead of replayed",
           "[delivery][reset]") {
-  TestEnv env(GENERATE(as<std::string>{}, "memory", "rocksdb"));
-  const size_t threshold = GENERATE(size_t{100}, size_t{1});
+  // Both fan-out modes on memory, one on RocksDB (keeps the suite fast).
+  const auto params = GENERATE(table<std::string, size_t>(
+      {{"memory", 100}, {"memory", 1}, {"rocksdb", 100}}));
+  const std::string backend = std::get<0>(params);
+  const size_t threshold = std::get<1>(params);
+  TestEnv env(backend);
   Options o = env.MakeOptions();
   o.fanout_threshold = threshold;
   o.max_catchup_entries = 10;
@@ -260,13 +274,16 @@ TEST_CASE("a device too far behind is reset to the head instead of replayed",
 
 TEST_CASE("a device whose missed entries expired is reset to the head",
           "[delivery][reset][retention]") {
-  const auto [backend, threshold, reclaim] =
+  const auto params =
       GENERATE(table<std::string, size_t, bool>({{"memory", 100, false},
                                                  {"memory", 1, false},
                                                  {"memory", 100, true},
                                                  {"memory", 1, true},
                                                  {"rocksdb", 100, true},
                                                  {"rocksdb", 1, false}}));
+  const std::string backend = std::get<0>(params);
+  const size_t threshold = std::get<1>(params);
+  const bool reclaim = std::get<2>(params);
   TestEnv env(backend);
   Options o = env.MakeOptions();
   o.fanout_threshold = threshold;
@@ -295,13 +312,17 @@ TEST_CASE("a device whose missed entries expired is reset to the head",
 
 TEST_CASE("an explicit resume position is where delivery starts",
           "[delivery][catchup]") {
-  TestEnv env(GENERATE(as<std::string>{}, "memory", "rocksdb"));
-  const size_t threshold = GENERATE(size_t{100}, size_t{1});
+  // Both fan-out modes on memory, one on RocksDB (keeps the suite fast).
+  const auto params = GENERATE(table<std::string, size_t>(
+      {{"memory", 100}, {"memory", 1}, {"rocksdb", 1}}));
+  const std::string backend = std::get<0>(params);
+  const size_t threshold = std::get<1>(params);
+  TestEnv env(backend);
   Options o = env.MakeOptions();
   o.fanout_threshold = threshold;
   auto e = env.OpenEngine(o);
-  const StreamId stream = StreamFor(
-      threshold == 1 ? FanoutMode::kRead : FanoutMode::kWrite, kRoom);
+  const StreamId stream =
+      StreamFor(threshold == 1 ? FanoutMode::kRead : FanoutMode::kWrite, kRoom);
   CreateGroup(*e, kRoom, {kAlice, kBob});
   for (int i = 0; i < 7; ++i) SendMsg(*e, kAlice, kPhone, kRoom, "m");
   TestDevice bob(kBob, kPhone);
@@ -313,8 +334,7 @@ TEST_CASE("an explicit resume position is where delivery starts",
                   StreamPosition{stream, 4}) != r.positions.end());
   CheckReceived(bob, kRoom, Range(5, 8));
   bob.AckAll(*e);
-  CHECK(StoredPosition(*e, kBob, kPhone, stream) ==
-        std::optional<uint64_t>(8));
+  CHECK(StoredPosition(*e, kBob, kPhone, stream) == std::optional<uint64_t>(8));
 }
 
 TEST_CASE(
@@ -385,8 +405,8 @@ TEST_CASE(
   o.fanout_threshold = 2;
   o.max_in_flight_per_device = 4;
   auto e = env.OpenEngine(o);
-  CreateGroup(*e, kRoom, {kAlice, kBob});            // fan-out on write
-  CreateGroup(*e, kOther, {kAlice, kBob, kCarol});   // fan-out on read
+  CreateGroup(*e, kRoom, {kAlice, kBob});           // fan-out on write
+  CreateGroup(*e, kOther, {kAlice, kBob, kCarol});  // fan-out on read
   REQUIRE(ModeOf(*e, kRoom) == FanoutMode::kWrite);
   REQUIRE(ModeOf(*e, kOther) == FanoutMode::kRead);
   for (int i = 0; i < 5; ++i) {
@@ -489,14 +509,42 @@ TEST_CASE(
   CHECK_FALSE(next->more);
 }
 
+TEST_CASE("a detached device cannot ack past what Sync handed it",
+          "[delivery][sync]") {
+  TestEnv env(GENERATE(as<std::string>{}, "memory", "rocksdb"));
+  auto e = env.OpenEngine();
+  TestDevice bob(kBob, kPhone);
+  bob.Attach(*e);
+  bob.Detach(*e);
+  CreateGroup(*e, kRoom, {kAlice, kBob});
+  for (int i = 0; i < 5; ++i) SendMsg(*e, kAlice, kPhone, kRoom, "m");
+  auto page = e->Sync(kBob, kPhone, {.limit = 2});
+  REQUIRE(page.ok());
+  REQUIRE(page->deliveries.size() == 2);
+  const StreamId stream = page->deliveries.back().stream;
+  // Position 6 was never handed to the device (header: InvalidArgument if
+  // `position` was never delivered). Accepting it would move the cursor past
+  // entries 3..6 the device never saw: they would never reach it.
+  const absl::Status s = e->Ack(kBob, kPhone, stream, 6);
+  INFO(s.ToString());
+  CHECK(s.code() == absl::StatusCode::kInvalidArgument);
+  auto next = e->Sync(kBob, kPhone, {.limit = 10});
+  REQUIRE(next.ok());
+  std::vector<uint64_t> seqs;
+  for (const auto& d : next->deliveries) seqs.push_back(d.entry.seq.value());
+  CHECK(seqs == Range(1, 6));
+}
+
 TEST_CASE(
     "a sink that acks and sends from inside Deliver loses and reorders "
     "nothing",
     "[delivery][reentrancy]") {
   // Both fan-out modes on memory; RocksDB in one (timers and fan-out do not
   // depend on the backend; this keeps the suite fast).
-  const auto [backend, threshold] = GENERATE(table<std::string, size_t>(
+  const auto params = GENERATE(table<std::string, size_t>(
       {{"memory", 100}, {"memory", 1}, {"rocksdb", 1}}));
+  const std::string backend = std::get<0>(params);
+  const size_t threshold = std::get<1>(params);
   TestEnv env(backend);
   Options o = env.MakeOptions();
   o.fanout_threshold = threshold;
@@ -518,8 +566,10 @@ TEST_CASE(
         replies < 5) {
       const std::string id = "reply-" + std::to_string(replies++);
       record(engine
-                 ->Send({.sender = kBob, .device = kPhone,
-                         .conversation = kRoom, .client_message_id = id,
+                 ->Send({.sender = kBob,
+                         .device = kPhone,
+                         .conversation = kRoom,
+                         .client_message_id = id,
                          .payload = id})
                  .status());
     }
@@ -540,8 +590,8 @@ TEST_CASE(
   CHECK(head == 1 + 20 + 5);
   // Bob's phone gets everything but its own replies.
   std::set<uint64_t> own;
-  auto history = e->ReadHistory({.reader = kBob, .conversation = kRoom,
-                                 .limit = 100});
+  auto history =
+      e->ReadHistory({.reader = kBob, .conversation = kRoom, .limit = 100});
   REQUIRE(history.ok());
   for (const auto& entry : history->entries) {
     if (entry.sender == kBob) own.insert(entry.seq.value());
@@ -555,8 +605,12 @@ TEST_CASE(
 TEST_CASE(
     "with concurrent senders every device gets each entry once, in seq order",
     "[delivery][concurrency]") {
-  TestEnv env(GENERATE(as<std::string>{}, "memory", "rocksdb"));
-  const size_t threshold = GENERATE(size_t{100}, size_t{3});
+  // Both fan-out modes on memory, one on RocksDB (keeps the suite fast).
+  const auto params = GENERATE(table<std::string, size_t>(
+      {{"memory", 100}, {"memory", 3}, {"rocksdb", 3}}));
+  const std::string backend = std::get<0>(params);
+  const size_t threshold = std::get<1>(params);
+  TestEnv env(backend);
   Options o = env.MakeOptions();
   o.fanout_threshold = threshold;
   o.max_in_flight_per_device = 8;
@@ -586,10 +640,12 @@ TEST_CASE(
   for (size_t t = 0; t < senders.size(); ++t) {
     threads.emplace_back([&, t] {
       for (int i = 0; i < kPer; ++i) {
-        const std::string id = "t" + std::to_string(t) + "-" + std::to_string(i);
+        const std::string id =
+            "t" + std::to_string(t) + "-" + std::to_string(i);
         auto r = engine->Send({.sender = senders[t].first,
                                .device = senders[t].second,
-                               .conversation = kRoom, .client_message_id = id,
+                               .conversation = kRoom,
+                               .client_message_id = id,
                                .payload = id});
         if (!r.ok()) ++send_failures;
       }
@@ -611,8 +667,8 @@ TEST_CASE(
   CheckReceived(bob, kRoom, Range(1, head));
   CheckReceived(carol, kRoom, Range(1, head));
   std::set<uint64_t> alice_phone_sent;
-  auto history = e->ReadHistory({.reader = kAlice, .conversation = kRoom,
-                                 .limit = 1000});
+  auto history =
+      e->ReadHistory({.reader = kAlice, .conversation = kRoom, .limit = 1000});
   REQUIRE(history.ok());
   for (const auto& entry : history->entries) {
     if (entry.sender == kAlice && entry.device == kPhone) {
@@ -628,8 +684,12 @@ TEST_CASE(
     "attaching and detaching while a sender is busy leaves no gap and no "
     "duplicate at the seam",
     "[delivery][catchup][concurrency]") {
-  TestEnv env(GENERATE(as<std::string>{}, "memory", "rocksdb"));
-  const size_t threshold = GENERATE(size_t{100}, size_t{1});
+  // Both fan-out modes on memory, one on RocksDB (keeps the suite fast).
+  const auto params = GENERATE(table<std::string, size_t>(
+      {{"memory", 100}, {"memory", 1}, {"rocksdb", 1}}));
+  const std::string backend = std::get<0>(params);
+  const size_t threshold = std::get<1>(params);
+  TestEnv env(backend);
   Options o = env.MakeOptions();
   o.fanout_threshold = threshold;
   o.max_in_flight_per_device = 5;
@@ -644,9 +704,12 @@ TEST_CASE(
   std::thread sender([&] {
     for (int i = 0; i < kMsgs; ++i) {
       const std::string id = "busy-" + std::to_string(i);
-      if (!engine->Send({.sender = kAlice, .device = kPhone,
-                         .conversation = kRoom, .client_message_id = id,
-                         .payload = id})
+      if (!engine
+               ->Send({.sender = kAlice,
+                       .device = kPhone,
+                       .conversation = kRoom,
+                       .client_message_id = id,
+                       .payload = id})
                .ok()) {
         ++send_failures;
       }
@@ -685,8 +748,8 @@ TEST_CASE(
       CHECK(per[a][i].entry.seq > per[a][i - 1].entry.seq);
     }
   }
-  const StreamId stream = StreamFor(
-      threshold == 1 ? FanoutMode::kRead : FanoutMode::kWrite, kRoom);
+  const StreamId stream =
+      StreamFor(threshold == 1 ? FanoutMode::kRead : FanoutMode::kWrite, kRoom);
   CHECK(StoredPosition(*e, kBob, kPhone, stream) ==
         std::optional<uint64_t>(head));
 }

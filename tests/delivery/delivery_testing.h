@@ -333,8 +333,9 @@ inline std::vector<uint64_t> Without(std::vector<uint64_t> v,
   return v;
 }
 
-inline void CreateGroup(Engine& e, ConversationId c, std::vector<UserId> members,
-                        std::chrono::seconds retention = std::chrono::seconds(0)) {
+inline void CreateGroup(
+    Engine& e, ConversationId c, std::vector<UserId> members,
+    std::chrono::seconds retention = std::chrono::seconds(0)) {
   absl::Status s = e.CreateConversation({.id = c,
                                          .kind = ConversationKind::kGroup,
                                          .creator = members.at(0),
@@ -358,8 +359,11 @@ inline uint64_t SendMsg(Engine& e, UserId u, DeviceId d, ConversationId c,
                         const std::string& payload) {
   static std::atomic<uint64_t> counter{0};
   const std::string id = "cid-" + std::to_string(++counter);
-  auto r = e.Send({.sender = u, .device = d, .conversation = c,
-                   .client_message_id = id, .payload = payload});
+  auto r = e.Send({.sender = u,
+                   .device = d,
+                   .conversation = c,
+                   .client_message_id = id,
+                   .payload = payload});
   INFO("send " << payload << ": " << r.status().ToString());
   REQUIRE(r.ok());
   return r->seq.value();

@@ -13,6 +13,7 @@
 namespace parley {
 namespace {
 
+using absl::StatusCode;
 using testing::AddMember;
 using testing::CreateGroup;
 using testing::Head;
@@ -20,7 +21,6 @@ using testing::ModeOf;
 using testing::SendMsg;
 using testing::TestDevice;
 using testing::TestEnv;
-using absl::StatusCode;
 
 const UserId kAlice{1}, kBob{2}, kCarol{3}, kDave{4};
 const DeviceId kPhone{10}, kLaptop{11};
@@ -166,7 +166,7 @@ TEST_CASE(
     CHECK(al->delivered);
     CHECK(al->read);
     auto c = ReceiptOf(rs, kCarol, kPhone);
-    REQUIRE(c.has_value());  // it has acked in the conversation
+    REQUIRE(c.has_value());     // it has acked in the conversation
     CHECK_FALSE(c->delivered);  // but not this message
     CHECK_FALSE(c->read);
     CHECK_FALSE(ReceiptOf(rs, kDave, kPhone).has_value());
@@ -249,8 +249,10 @@ TEST_CASE(
     "[delivery][ephemeral]") {
   // Both fan-out modes on memory; RocksDB in one (fan-out does not depend
   // on the backend; this keeps the suite fast).
-  const auto [backend, threshold] = GENERATE(table<std::string, size_t>(
+  const auto params = GENERATE(table<std::string, size_t>(
       {{"memory", 100}, {"memory", 2}, {"rocksdb", 2}}));
+  const std::string backend = std::get<0>(params);
+  const size_t threshold = std::get<1>(params);
   TestEnv env(backend);
   Options o = env.MakeOptions();
   o.fanout_threshold = threshold;
@@ -272,11 +274,10 @@ TEST_CASE(
   CHECK_FALSE(e->NextTimerDue().has_value());
   const uint64_t events_before = e->GetStats().events;
 
-  REQUIRE(e->SendEphemeral(kAlice, kPhone, kRoom, EventKind::kTyping,
-                           "typing...")
-              .ok());
-  REQUIRE(e->SendEphemeral(kBob, kPhone, kRoom, EventKind::kPresence,
-                           "online")
+  REQUIRE(
+      e->SendEphemeral(kAlice, kPhone, kRoom, EventKind::kTyping, "typing...")
+          .ok());
+  REQUIRE(e->SendEphemeral(kBob, kPhone, kRoom, EventKind::kPresence, "online")
               .ok());
   auto check_got = [&](TestDevice& d, std::vector<EventKind> kinds) {
     INFO("u" << d.user().value() << " d" << d.device().value());
@@ -320,8 +321,9 @@ TEST_CASE(
   // Its backlog is the creation entry only.
   testing::CheckReceived(carol_laptop, kRoom, {1});
 
-  CHECK(e->SendEphemeral(kDave, kPhone, kRoom, EventKind::kTyping, "x")
-            .code() == StatusCode::kPermissionDenied);
+  CHECK(
+      e->SendEphemeral(kDave, kPhone, kRoom, EventKind::kTyping, "x").code() ==
+      StatusCode::kPermissionDenied);
   CHECK(e->SendEphemeral(kAlice, kPhone, ConversationId(999),
                          EventKind::kTyping, "x")
             .code() == StatusCode::kNotFound);

@@ -16,6 +16,7 @@
 namespace parley {
 namespace {
 
+using std::chrono::milliseconds;
 using testing::CheckReceived;
 using testing::CreateGroup;
 using testing::ModeOf;
@@ -24,19 +25,21 @@ using testing::RecordingSink;
 using testing::SendMsg;
 using testing::TestDevice;
 using testing::TestEnv;
-using std::chrono::milliseconds;
 
-const UserId kAlice{1}, kBob{2}, kCarol{3};
-const DeviceId kPhone{10}, kLaptop{11};
+const UserId kAlice{1}, kBob{2};
+const DeviceId kPhone{10};
 const ConversationId kRoom{100};
 
-TEST_CASE("an unacked delivery is retried with doubling, capped backoff "
-          "until it is acked",
-          "[delivery][retry]") {
+TEST_CASE(
+    "an unacked delivery is retried with doubling, capped backoff "
+    "until it is acked",
+    "[delivery][retry]") {
   // Both fan-out modes on memory; RocksDB in one (timers and fan-out do not
   // depend on the backend; this keeps the suite fast).
-  const auto [backend, threshold] = GENERATE(table<std::string, size_t>(
+  const auto params = GENERATE(table<std::string, size_t>(
       {{"memory", 100}, {"memory", 1}, {"rocksdb", 100}}));
+  const std::string backend = std::get<0>(params);
+  const size_t threshold = std::get<1>(params);
   TestEnv env(backend);
   Options o = env.MakeOptions();
   o.fanout_threshold = threshold;
@@ -60,10 +63,9 @@ TEST_CASE("an unacked delivery is retried with doubling, capped backoff "
   CHECK(first.entry.payload == "hello");
 
   // Intervals: 1 s, 2 s, then capped at 3 s.
-  const std::vector<milliseconds> intervals{milliseconds(1000),
-                                            milliseconds(2000),
-                                            milliseconds(3000),
-                                            milliseconds(3000)};
+  const std::vector<milliseconds> intervals{
+      milliseconds(1000), milliseconds(2000), milliseconds(3000),
+      milliseconds(3000)};
   uint32_t attempt = 1;
   for (milliseconds interval : intervals) {
     INFO("attempt " << attempt << " interval " << interval.count());
@@ -97,8 +99,7 @@ TEST_CASE("an unacked delivery is retried with doubling, capped backoff "
   CHECK(bob.sink().delivery_count() == attempt);
 }
 
-TEST_CASE("nothing is due once every delivery is acked",
-          "[delivery][retry]") {
+TEST_CASE("nothing is due once every delivery is acked", "[delivery][retry]") {
   TestEnv env("memory");  // timer bookkeeping only
   const double jitter = GENERATE(0.0, 0.2);
   Options o = env.MakeOptions();
@@ -156,8 +157,7 @@ TEST_CASE("retry delays stay within the jitter bounds and replay per seed",
     const double s =
         std::chrono::duration_cast<std::chrono::duration<double>>(delays[i])
             .count();
-    INFO("retry " << i + 1 << " after " << s << " s, nominal "
-                  << nominal_s[i]);
+    INFO("retry " << i + 1 << " after " << s << " s, nominal " << nominal_s[i]);
     CHECK(s >= 0.8 * nominal_s[i] - 1e-6);
     CHECK(s <= 1.2 * nominal_s[i] + 1e-6);
     if (std::abs(s - nominal_s[i]) > 1e-3) any_jitter = true;
@@ -171,8 +171,10 @@ TEST_CASE("a lost ack leads to a redelivery the device drops by seq",
           "[delivery][retry]") {
   // Both fan-out modes on memory; RocksDB in one (timers and fan-out do not
   // depend on the backend; this keeps the suite fast).
-  const auto [backend, threshold] = GENERATE(table<std::string, size_t>(
+  const auto params = GENERATE(table<std::string, size_t>(
       {{"memory", 100}, {"memory", 1}, {"rocksdb", 1}}));
+  const std::string backend = std::get<0>(params);
+  const size_t threshold = std::get<1>(params);
   TestEnv env(backend);
   Options o = env.MakeOptions();
   o.fanout_threshold = threshold;
@@ -231,8 +233,8 @@ TEST_CASE("a lost ack leads to a redelivery the device drops by seq",
   CHECK(applied == std::vector<std::string>{"one", "two"});
 
   // Acking beyond what was delivered is refused and changes nothing.
-  CHECK(e->Ack(kBob, kPhone, firsts[1].stream, firsts[1].position + 1)
-            .code() == absl::StatusCode::kInvalidArgument);
+  CHECK(e->Ack(kBob, kPhone, firsts[1].stream, firsts[1].position + 1).code() ==
+        absl::StatusCode::kInvalidArgument);
   REQUIRE(e->Ack(kBob, kPhone, firsts[1].stream, firsts[1].position).ok());
   // Late and duplicate acks are harmless.
   CHECK(e->Ack(kBob, kPhone, firsts[1].stream, firsts[1].position).ok());
@@ -252,8 +254,10 @@ TEST_CASE("reattaching redelivers everything unacked at once to the new sink",
           "[delivery][retry]") {
   // Both fan-out modes on memory; RocksDB in one (timers and fan-out do not
   // depend on the backend; this keeps the suite fast).
-  const auto [backend, threshold] = GENERATE(table<std::string, size_t>(
+  const auto params = GENERATE(table<std::string, size_t>(
       {{"memory", 100}, {"memory", 1}, {"rocksdb", 100}}));
+  const std::string backend = std::get<0>(params);
+  const size_t threshold = std::get<1>(params);
   TestEnv env(backend);
   Options o = env.MakeOptions();
   o.fanout_threshold = threshold;

@@ -562,8 +562,12 @@ bool DeliveryManager::PumpConversation(Device& d, Stream& s) {
     const ReadRangeValue* range = nullptr;
     const uint64_t next = NextInRanges(s.ranges, s.sent, &range);
     if (next == 0 || next > s.known_head) break;
-    // Gate: what reached the user stream before this stretch goes first.
-    if (range->gate_pts > d.user_stream.sent) break;
+    // Gate: what reached the user stream before this stretch goes first (a
+    // gate above the user stream's head points at entries that expired).
+    if (range->gate_pts > d.user_stream.sent &&
+        range->gate_pts <= d.user_stream.known_head) {
+      break;
+    }
     auto it = s.early.find(next);
     if (it == s.early.end()) {
       const uint64_t end =

@@ -237,13 +237,37 @@ absl::Status EngineImpl::Commit(
 absl::Status EngineImpl::LoadUserLocked(UserStreamState& us) {
   const uint64_t epoch = committer_.epoch();
   if (us.loaded && us.epoch == epoch) return absl::OkStatus();
-  std::string value;
-  absl::Status s = storage_->Get(Space::kMeta, keys::PtsHeadKey(us.id), &value);
+  // The head is not written on every send (that would be one more record
+  // per member): it is the last key of the stream. If every entry expired
+  // and was compacted away, counting resumes above the highest position any
+  // device acked or was handed: positions no device holds may be reused, as
+  // nothing refers to them any more.
   uint64_t pts = 0;
-  if (s.ok()) {
-    PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &pts));
-  } else if (!absl::IsNotFound(s)) {
-    return s;
+  {
+    const std::string prefix = keys::UserPrefix(us.id);
+    auto it = storage_->NewIterator(Space::kUserStream, prefix,
+                                    PrefixSuccessor(prefix));
+    it->SeekForPrev(keys::UserStreamKey(us.id, ~uint64_t{0}));
+    if (it->Valid()) pts = keys::PtsOfUserStreamKey(it->key());
+    PARLEY_RETURN_IF_ERROR(it->status());
+  }
+  {
+    const std::string prefix = keys::UserPrefix(us.id) + "D";
+    auto it = storage_->NewIterator(Space::kCursors, prefix,
+                                    PrefixSuccessor(prefix));
+    for (it->Seek(prefix); it->Valid(); it->Next()) {
+      std::string_view k = it->key();
+      // user "D" device "u"  or  user "D" device "s" 0
+      const bool user_cursor = k.size() == prefix.size() + 9 && k.back() == 'u';
+      const bool user_handed =
+          k.size() == prefix.size() + 17 && k[prefix.size() + 8] == 's' &&
+          DecodeFixed64BE(k.data() + prefix.size() + 9) == 0;
+      if (!user_cursor && !user_handed) continue;
+      uint64_t v;
+      PARLEY_RETURN_IF_ERROR(DecodeU64Value(it->value(), &v));
+      pts = std::max(pts, v);
+    }
+    PARLEY_RETURN_IF_ERROR(it->status());
   }
   us.assigned_pts = us.committed_pts = pts;
   us.epoch = epoch;
@@ -327,9 +351,6 @@ void EngineImpl::FanOutOnWrite(const std::vector<UserId>& targets,
     value.clear();
     EncodeUserStreamValue(c, seq, expiry, &value);
     batch->Put(Space::kUserStream, keys::UserStreamKey(u, pts), value);
-    value.clear();
-    PutFixed64BE(&value, pts);
-    batch->Put(Space::kMeta, keys::PtsHeadKey(u), value);
     f->pts.emplace_back(u, pts);
   }
 }

@@ -7,7 +7,6 @@
 //   kMembers      conv user             -> MemberRecord
 //   kDedup        user device client_id -> expiry | DedupRecord
 //   kMessageIndex message_id            -> expiry | conv seq
-//   kMeta         "p" user              -> user stream head pts (8 bytes)
 //   kUserStream   user pts              -> expiry | conv seq
 //   kUserIndex    user conv             -> UserConversation (read ranges)
 //   kCursors      user "r" conv         -> read-up-to seq
@@ -84,12 +83,6 @@ inline std::string DedupKey(UserId u, DeviceId d, std::string_view client_id) {
 inline std::string MessageIndexKey(MessageId id) {
   std::string k;
   PutFixed64BE(&k, id.value());
-  return k;
-}
-
-inline std::string PtsHeadKey(UserId u) {
-  std::string k("p");
-  PutFixed64BE(&k, u.value());
   return k;
 }
 

@@ -61,27 +61,118 @@ void EncodeMessageValue(const SendRequest& q, MessageId id,
   AppendProto(r, out);
 }
 
+namespace {
+
+// Protobuf wire-format reading for the hot read path: decoding a LogRecord
+// straight into a LogEntry saves building and tearing down a generated
+// message per entry. Encoding stays with the generated code, so the format
+// is exactly records.proto's; unknown fields are skipped.
+bool ReadVarint64(std::string_view* in, uint64_t* v) {
+  uint64_t result = 0;
+  for (int shift = 0; shift <= 63 && !in->empty(); shift += 7) {
+    const uint8_t byte = static_cast<uint8_t>(in->front());
+    in->remove_prefix(1);
+    result |= static_cast<uint64_t>(byte & 0x7f) << shift;
+    if ((byte & 0x80) == 0) {
+      *v = result;
+      return true;
+    }
+  }
+  return false;
+}
+
+bool ReadBytes(std::string_view* in, std::string_view* out) {
+  uint64_t n = 0;
+  if (!ReadVarint64(in, &n) || n > in->size()) return false;
+  *out = in->substr(0, n);
+  in->remove_prefix(n);
+  return true;
+}
+
+bool SkipField(std::string_view* in, uint32_t wire_type) {
+  uint64_t ignored;
+  std::string_view bytes;
+  switch (wire_type) {
+    case 0:
+      return ReadVarint64(in, &ignored);
+    case 1:
+      if (in->size() < 8) return false;
+      in->remove_prefix(8);
+      return true;
+    case 2:
+      return ReadBytes(in, &bytes);
+    case 5:
+      if (in->size() < 4) return false;
+      in->remove_prefix(4);
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
 absl::Status DecodeLogValue(std::string_view value, LogEntry* e) {
   if (value.size() < kExpiryPrefixBytes) return Corrupt("log entry");
   value.remove_prefix(kExpiryPrefixBytes);
-  records::LogRecord r;
-  if (!r.ParseFromArray(value.data(), static_cast<int>(value.size()))) {
-    return Corrupt("log entry");
-  }
-  if (r.kind() < 1 || r.kind() > 4) return Corrupt("log entry kind");
-  e->kind = static_cast<EntryKind>(r.kind());
-  e->id = MessageId(r.message_id());
-  e->server_time = FromMicros(r.server_time_micros());
-  e->sender = UserId(r.sender());
-  e->device = DeviceId(r.device());
-  e->client_message_id = std::move(*r.mutable_client_message_id());
-  e->payload = std::move(*r.mutable_payload());
-  e->metadata.content_type = std::move(*r.mutable_content_type());
-  e->metadata.reply_to = MessageId(r.reply_to());
-  e->metadata.attachments.assign(r.attachments().begin(),
-                                 r.attachments().end());
+  uint64_t kind = 0, message_id = 0, time = 0, sender = 0, device = 0,
+           reply_to = 0;
+  e->client_message_id.clear();
+  e->payload.clear();
+  e->metadata.content_type.clear();
+  e->metadata.attachments.clear();
   e->subjects.clear();
-  for (uint64_t u : r.subjects()) e->subjects.push_back(UserId(u));
+  while (!value.empty()) {
+    uint64_t tag;
+    if (!ReadVarint64(&value, &tag)) return Corrupt("log entry");
+    const uint32_t field = static_cast<uint32_t>(tag >> 3);
+    const uint32_t wire = static_cast<uint32_t>(tag & 7);
+    bool ok = true;
+    std::string_view bytes;
+    auto varint = [&](uint64_t* v) { ok = wire == 0 && ReadVarint64(&value, v); };
+    auto string = [&](std::string* out) {
+      ok = wire == 2 && ReadBytes(&value, &bytes);
+      if (ok) out->assign(bytes.data(), bytes.size());
+    };
+    switch (field) {
+      case 1: varint(&kind); break;
+      case 2: varint(&message_id); break;
+      case 3: varint(&time); break;
+      case 4: varint(&sender); break;
+      case 5: varint(&device); break;
+      case 6: string(&e->client_message_id); break;
+      case 7: string(&e->payload); break;
+      case 8: string(&e->metadata.content_type); break;
+      case 9: varint(&reply_to); break;
+      case 10: string(&e->metadata.attachments.emplace_back()); break;
+      case 11:
+        if (wire == 0) {  // unpacked
+          uint64_t u;
+          ok = ReadVarint64(&value, &u);
+          if (ok) e->subjects.push_back(UserId(u));
+        } else if (wire == 2) {  // packed (proto3's default)
+          ok = ReadBytes(&value, &bytes);
+          while (ok && !bytes.empty()) {
+            uint64_t u;
+            ok = ReadVarint64(&bytes, &u);
+            if (ok) e->subjects.push_back(UserId(u));
+          }
+        } else {
+          ok = false;
+        }
+        break;
+      default:
+        ok = SkipField(&value, wire);
+    }
+    if (!ok) return Corrupt("log entry");
+  }
+  if (kind < 1 || kind > 4) return Corrupt("log entry kind");
+  e->kind = static_cast<EntryKind>(kind);
+  e->id = MessageId(message_id);
+  e->server_time = FromMicros(static_cast<int64_t>(time));
+  e->sender = UserId(sender);
+  e->device = DeviceId(device);
+  e->metadata.reply_to = MessageId(reply_to);
   return absl::OkStatus();
 }
 

@@ -165,6 +165,7 @@ class EngineImpl final : public Engine, private HeadSource {
   std::atomic<uint64_t> sends_rejected_{0};
   std::atomic<uint64_t> sends_failed_{0};
   std::atomic<uint64_t> loads_{0};
+  std::atomic<uint64_t> direct_writes_{0};  // kBuffered writes (no queue)
 };
 
 }  // namespace parley

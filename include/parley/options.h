@@ -93,7 +93,8 @@ struct Options {
   // Default: 10000.
   size_t max_cached_user_streams = 10000;
 
-  // Most sends merged into one storage write by group commit. Default: 256.
+  // Most sends merged into one storage write by group commit (kSync).
+  // Default: 256.
   size_t max_group_commit_sends = 256;
 
   // ---- Delivery ----

@@ -32,6 +32,11 @@ absl::Status Invalid(std::string_view what) {
   return absl::InvalidArgumentError(std::string(what));
 }
 
+absl::Status NotMemberError(UserId u, ConversationId c) {
+  return absl::PermissionDeniedError(absl::StrCat(
+      "user ", u.value(), " is not a member of ", c.value()));
+}
+
 }  // namespace
 
 class EngineImpl::OpGuard {
@@ -147,6 +152,15 @@ absl::Status EngineImpl::LoadLocked(ConversationState& st) {
   st.assigned_seq = st.committed_seq = head;
   st.epoch = epoch;
   st.loaded = true;
+  return absl::OkStatus();
+}
+
+absl::Status EngineImpl::LoadExistingLocked(ConversationState& st) {
+  PARLEY_RETURN_IF_ERROR(LoadLocked(st));
+  if (!st.exists) {
+    return absl::NotFoundError(
+        absl::StrCat("conversation ", st.id.value(), " not found"));
+  }
   return absl::OkStatus();
 }
 
@@ -575,11 +589,7 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
     st->mu.Unlock();
     return s;
   };
-  if (absl::Status s = LoadLocked(*st); !s.ok()) return fail(s);
-  if (!st->exists) {
-    return fail(absl::NotFoundError(
-        absl::StrCat("conversation ", c.value(), " not found")));
-  }
+  if (absl::Status s = LoadExistingLocked(*st); !s.ok()) return fail(s);
   if (st->kind == ConversationKind::kDirect) {
     return fail(absl::FailedPreconditionError(
         "membership of a direct conversation is fixed"));
@@ -720,11 +730,7 @@ absl::StatusOr<std::vector<Member>> EngineImpl::ListMembers(ConversationId c) {
   auto st = cache_.Acquire(c);
   {
     absl::MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadLocked(*st));
-    if (!st->exists) {
-      return absl::NotFoundError(
-          absl::StrCat("conversation ", c.value(), " not found"));
-    }
+    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
     if (st->members_cached) {
       std::vector<Member> out;
       out.reserve(st->members.size());
@@ -754,11 +760,7 @@ absl::StatusOr<std::vector<MembershipInterval>> EngineImpl::Membership(
   auto st = cache_.Acquire(c);
   {
     absl::MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadLocked(*st));
-    if (!st->exists) {
-      return absl::NotFoundError(
-          absl::StrCat("conversation ", c.value(), " not found"));
-    }
+    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
   }
   return ReadIntervals(c, user);
 }
@@ -875,17 +877,11 @@ absl::StatusOr<SendResult> EngineImpl::SendOwned(const SendRequest& q,
     st->mu.Unlock();
     return s;
   };
-  if (absl::Status s = LoadLocked(*st); !s.ok()) return fail(s);
-  if (!st->exists) {
-    return fail(absl::NotFoundError(
-        absl::StrCat("conversation ", q.conversation.value(), " not found")));
-  }
+  if (absl::Status s = LoadExistingLocked(*st); !s.ok()) return fail(s);
   auto join = CurrentJoinLocked(*st, q.sender);
   if (!join.ok()) return fail(join.status());
   if (!join->has_value()) {
-    return fail(absl::PermissionDeniedError(
-        absl::StrCat("user ", q.sender.value(), " is not a member of ",
-                     q.conversation.value())));
+    return fail(NotMemberError(q.sender, q.conversation));
   }
 
   Fanout f;
@@ -976,19 +972,13 @@ absl::StatusOr<HistoryPage> EngineImpl::ReadHistory(const HistoryRequest& q) {
   {
     auto st = cache_.Acquire(q.conversation);
     absl::MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadLocked(*st));
-    if (!st->exists) {
-      return absl::NotFoundError(
-          absl::StrCat("conversation ", q.conversation.value(), " not found"));
-    }
+    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
     head = st->committed_seq;
   }
   auto intervals = ReadIntervals(q.conversation, q.reader);
   if (!intervals.ok()) return intervals.status();
   if (intervals->empty()) {
-    return absl::PermissionDeniedError(
-        absl::StrCat("user ", q.reader.value(), " is not a member of ",
-                     q.conversation.value()));
+    return NotMemberError(q.reader, q.conversation);
   }
   HistoryPage page;
   page.head = Seq(head);
@@ -1071,18 +1061,13 @@ absl::StatusOr<Seq> EngineImpl::HeadSeq(UserId reader, ConversationId c) {
   {
     auto st = cache_.Acquire(c);
     absl::MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadLocked(*st));
-    if (!st->exists) {
-      return absl::NotFoundError(
-          absl::StrCat("conversation ", c.value(), " not found"));
-    }
+    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
     head = st->committed_seq;
   }
   auto intervals = ReadIntervals(c, reader);
   if (!intervals.ok()) return intervals.status();
   if (intervals->empty()) {
-    return absl::PermissionDeniedError(absl::StrCat(
-        "user ", reader.value(), " is not a member of ", c.value()));
+    return NotMemberError(reader, c);
   }
   return Seq(head);
 }
@@ -1148,16 +1133,11 @@ absl::Status EngineImpl::MarkRead(UserId user, DeviceId device,
     st->mu.Unlock();
     return s;
   };
-  if (absl::Status s = LoadLocked(*st); !s.ok()) return fail(s);
-  if (!st->exists) {
-    return fail(absl::NotFoundError(
-        absl::StrCat("conversation ", c.value(), " not found")));
-  }
+  if (absl::Status s = LoadExistingLocked(*st); !s.ok()) return fail(s);
   auto join = CurrentJoinLocked(*st, user);
   if (!join.ok()) return fail(join.status());
   if (!join->has_value()) {
-    return fail(absl::PermissionDeniedError(absl::StrCat(
-        "user ", user.value(), " is not a member of ", c.value())));
+    return fail(NotMemberError(user, c));
   }
   if (up_to.value() > st->committed_seq) {
     return fail(Invalid(absl::StrCat("up_to ", up_to.value(),
@@ -1205,11 +1185,7 @@ absl::StatusOr<ReadState> EngineImpl::GetReadState(UserId user,
   {
     auto st = cache_.Acquire(c);
     absl::MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadLocked(*st));
-    if (!st->exists) {
-      return absl::NotFoundError(
-          absl::StrCat("conversation ", c.value(), " not found"));
-    }
+    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
     head = st->committed_seq;
     pending = PendingReadLocked(*st, user);
     auto j = CurrentJoinLocked(*st, user);
@@ -1222,8 +1198,7 @@ absl::StatusOr<ReadState> EngineImpl::GetReadState(UserId user,
     auto intervals = ReadIntervals(c, user);
     if (!intervals.ok()) return intervals.status();
     if (intervals->empty()) {
-      return absl::PermissionDeniedError(absl::StrCat(
-          "user ", user.value(), " is not a member of ", c.value()));
+      return NotMemberError(user, c);
     }
   }
   ReadState out;
@@ -1245,11 +1220,7 @@ absl::StatusOr<std::vector<DeviceReceipt>> EngineImpl::GetReceipts(
   {
     auto st = cache_.Acquire(c);
     absl::MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadLocked(*st));
-    if (!st->exists) {
-      return absl::NotFoundError(
-          absl::StrCat("conversation ", c.value(), " not found"));
-    }
+    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
     if (st->mode != FanoutMode::kWrite) {
       return absl::FailedPreconditionError(
           "receipts are tracked per device only in fan-out-on-write "
@@ -1322,16 +1293,11 @@ absl::Status EngineImpl::SendEphemeral(UserId user, DeviceId device,
   {
     auto st = cache_.Acquire(c);
     absl::MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadLocked(*st));
-    if (!st->exists) {
-      return absl::NotFoundError(
-          absl::StrCat("conversation ", c.value(), " not found"));
-    }
+    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
     auto join = CurrentJoinLocked(*st, user);
     if (!join.ok()) return join.status();
     if (!join->has_value()) {
-      return absl::PermissionDeniedError(absl::StrCat(
-          "user ", user.value(), " is not a member of ", c.value()));
+      return NotMemberError(user, c);
     }
     mode = st->mode;
     if (mode == FanoutMode::kWrite) {
@@ -1359,11 +1325,7 @@ absl::StatusOr<FanoutMode> EngineImpl::GetFanoutMode(ConversationId c) {
   PARLEY_RETURN_IF_ERROR(guard.status());
   auto st = cache_.Acquire(c);
   absl::MutexLock lock(&st->mu);
-  PARLEY_RETURN_IF_ERROR(LoadLocked(*st));
-  if (!st->exists) {
-    return absl::NotFoundError(
-        absl::StrCat("conversation ", c.value(), " not found"));
-  }
+  PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
   return st->mode;
 }
 
@@ -1377,14 +1339,9 @@ absl::Status EngineImpl::SetRetention(ConversationId c,
   if (max_age.count() < 0) return Invalid("max_age must be >= 0");
   auto st = cache_.Acquire(c);
   st->mu.Lock();
-  if (absl::Status s = LoadLocked(*st); !s.ok()) {
+  if (absl::Status s = LoadExistingLocked(*st); !s.ok()) {
     st->mu.Unlock();
     return s;
-  }
-  if (!st->exists) {
-    st->mu.Unlock();
-    return absl::NotFoundError(
-        absl::StrCat("conversation ", c.value(), " not found"));
   }
   st->retention_seconds = max_age.count();
   GroupCommitter::Request r;

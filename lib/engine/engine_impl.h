@@ -116,6 +116,9 @@ class EngineImpl final : public Engine, private HeadSource {
   // Makes `st` reflect storage as of the current commit epoch.
   absl::Status LoadLocked(ConversationState& st)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(st.mu);
+  // LoadLocked, then NotFound if the conversation does not exist.
+  absl::Status LoadExistingLocked(ConversationState& st)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(st.mu);
   // The seq at which `user` became a current member, or nullopt.
   absl::StatusOr<std::optional<Seq>> CurrentJoinLocked(ConversationState& st,
                                                        UserId user)

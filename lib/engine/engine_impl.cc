@@ -222,10 +222,13 @@ absl::Status EngineImpl::Commit(
     direct_writes_.fetch_add(1, std::memory_order_relaxed);
     if (s.ok()) {
       if (f != nullptr) {
+        // f->pts follows f->locked's (sorted) order.
+        size_t at = 0;
         for (const auto& [user, pts] : f->pts) {
-          for (auto& u : f->locked) {
-            if (u->id == user) u->committed_pts = std::max(u->committed_pts, pts);
-          }
+          while (at < f->locked.size() && f->locked[at]->id < user) ++at;
+          PARLEY_CHECK(at < f->locked.size());
+          f->locked[at]->committed_pts =
+              std::max(f->locked[at]->committed_pts, pts);
         }
       }
       st.committed_seq = std::max(st.committed_seq, seq);
@@ -252,12 +255,13 @@ absl::Status EngineImpl::Commit(
   st.mu.Unlock();
   absl::Status s = committer_.Await(&r);
   if (s.ok() && f != nullptr) {
-    for (size_t i = 0; i < f->locked.size(); ++i) {
-      UserStreamState& u = *f->locked[i];
+    size_t at = 0;
+    for (const auto& [user, pts] : f->pts) {
+      while (at < f->locked.size() && f->locked[at]->id < user) ++at;
+      PARLEY_CHECK(at < f->locked.size());
+      UserStreamState& u = *f->locked[at];
       absl::MutexLock lock(&u.mu);
-      for (const auto& [user, pts] : f->pts) {
-        if (user == u.id) u.committed_pts = std::max(u.committed_pts, pts);
-      }
+      u.committed_pts = std::max(u.committed_pts, pts);
     }
   }
   if ((s.ok() && seq != 0) || pending_read) {
@@ -385,12 +389,12 @@ void EngineImpl::FanOutOnWrite(const std::vector<UserId>& targets,
                                ConversationId c, Seq seq, uint64_t expiry,
                                Fanout* f, WriteBatch* batch) {
   std::string value;
+  // Both lists are sorted by user: walk them together (linear, not N^2).
+  size_t at = 0;
   for (UserId u : targets) {
-    UserStreamState* us = nullptr;
-    for (const auto& l : f->locked) {
-      if (l->id == u) us = l.get();
-    }
-    PARLEY_CHECK(us != nullptr);
+    while (at < f->locked.size() && f->locked[at]->id < u) ++at;
+    PARLEY_CHECK(at < f->locked.size() && f->locked[at]->id == u);
+    UserStreamState* us = f->locked[at].get();
     const uint64_t pts = ++us->assigned_pts;
     value.clear();
     EncodeUserStreamValue(c, seq, expiry, &value);

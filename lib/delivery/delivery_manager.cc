@@ -1026,16 +1026,7 @@ size_t DeliveryManager::ProcessTimers() {
 
 void DeliveryManager::SendEvent(UserId to, UserId except_user,
                                 DeviceId except, const Event& e) {
-  for (const DevicePtr& d : DevicesOf(to)) {
-    if (d->user == except_user && d->device == except) continue;
-    {
-      absl::MutexLock lock(&d->mu);
-      if (!d->attached) continue;
-      d->outbox.emplace_back(e);
-      events_.fetch_add(1, std::memory_order_relaxed);
-    }
-    Drain(d);
-  }
+  PushEvent(DevicesOf(to), except_user, except, e);
 }
 
 void DeliveryManager::SendConversationEvent(ConversationId c,
@@ -1048,7 +1039,13 @@ void DeliveryManager::SendConversationEvent(ConversationId c,
     if (it == by_conversation_.end()) return;
     followers = it->second;
   }
-  for (const DevicePtr& d : followers) {
+  PushEvent(followers, except_user, except, e);
+}
+
+void DeliveryManager::PushEvent(const std::vector<DevicePtr>& devices,
+                                UserId except_user, DeviceId except,
+                                const Event& e) {
+  for (const DevicePtr& d : devices) {
     if (d->user == except_user && d->device == except) continue;
     {
       absl::MutexLock lock(&d->mu);

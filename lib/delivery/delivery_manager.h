@@ -166,6 +166,9 @@ class DeliveryManager {
   // Forgets the device's timer (nothing left in flight).
   void Unschedule(Device& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
   int64_t RetryDelayMicros(uint32_t attempt);
+  // Queues `e` for each attached device but the excepted one, then drains.
+  void PushEvent(const std::vector<DevicePtr>& devices, UserId except_user,
+                 DeviceId except, const Event& e);
   // Hands the outbox to the sink unless another thread already does.
   void Drain(const DevicePtr& d);
   absl::Status WriteAck(Device& d, Stream& s, uint64_t acked,

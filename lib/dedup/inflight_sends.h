@@ -11,8 +11,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
-#include "absl/synchronization/notification.h"
+#include "common/mutex.h"
+#include "common/mutex.h"
 #include "parley/types.h"
 
 namespace parley {
@@ -20,7 +20,7 @@ namespace parley {
 class InflightSends {
  public:
   struct Outcome {
-    absl::Notification done;
+    Notification done;
     absl::StatusOr<SendResult> result;
     uint64_t content_hash = 0;
   };
@@ -29,7 +29,7 @@ class InflightSends {
   // caller now owns it and must call Finish), or the outcome to wait for.
   std::shared_ptr<Outcome> Begin(const std::string& key,
                                  uint64_t content_hash) {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     auto [it, inserted] = map_.try_emplace(key);
     if (!inserted) return it->second;
     it->second = std::make_shared<Outcome>();
@@ -41,7 +41,7 @@ class InflightSends {
   void Finish(const std::string& key, absl::StatusOr<SendResult> result) {
     std::shared_ptr<Outcome> outcome;
     {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       auto it = map_.find(key);
       outcome = std::move(it->second);
       map_.erase(it);
@@ -51,7 +51,7 @@ class InflightSends {
   }
 
  private:
-  absl::Mutex mu_;
+  Mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<Outcome>> map_
       ABSL_GUARDED_BY(mu_);
 };

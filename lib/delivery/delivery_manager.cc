@@ -80,29 +80,29 @@ DeliveryManager::~DeliveryManager() = default;
 // Registry
 
 DeliveryManager::DevicePtr DeliveryManager::Find(UserId u, DeviceId d) {
-  absl::MutexLock lock(&registry_mu_);
+  MutexLock lock(&registry_mu_);
   auto it = devices_.find(DeviceKey(u.value(), d.value()));
   return it == devices_.end() ? nullptr : it->second;
 }
 
 std::vector<DeliveryManager::DevicePtr> DeliveryManager::DevicesOf(UserId u) {
-  absl::MutexLock lock(&registry_mu_);
+  MutexLock lock(&registry_mu_);
   auto it = by_user_.find(u.value());
   return it == by_user_.end() ? std::vector<DevicePtr>() : it->second;
 }
 
 bool DeliveryManager::AnyOnline(UserId u) {
-  absl::MutexLock lock(&registry_mu_);
+  MutexLock lock(&registry_mu_);
   return by_user_.contains(u.value());
 }
 
 bool DeliveryManager::AnyOnline(ConversationId c) {
-  absl::MutexLock lock(&registry_mu_);
+  MutexLock lock(&registry_mu_);
   return by_conversation_.contains(c.value());
 }
 
 uint64_t DeliveryManager::attached() {
-  absl::MutexLock lock(&registry_mu_);
+  MutexLock lock(&registry_mu_);
   return devices_.size();
 }
 
@@ -125,7 +125,7 @@ absl::StatusOr<DeliveryManager::DevicePtr> DeliveryManager::Build(
     UserId u, DeviceId d, const std::vector<StreamPosition>& from,
     size_t window, AttachResult* result) {
   auto dev = std::make_shared<Device>(u, d);
-  absl::MutexLock lock(&dev->mu);
+  MutexLock lock(&dev->mu);
   dev->window = window;
 
   // Stored positions.
@@ -328,7 +328,7 @@ absl::Status DeliveryManager::RefreshRanges(
     auto head = heads_->ConversationHead(c);
     if (!head.ok()) return head.status();
     cs.known_head = std::max(cs.known_head, *head);
-    absl::MutexLock lock(&registry_mu_);
+    MutexLock lock(&registry_mu_);
     auto& followers = by_conversation_[c.value()];
     const bool listed =
         std::any_of(followers.begin(), followers.end(),
@@ -377,12 +377,12 @@ absl::StatusOr<AttachResult> DeliveryManager::Attach(
   if (!dev.ok()) return dev.status();
   DevicePtr device = std::move(*dev);
   {
-    absl::MutexLock lock(&device->mu);
+    MutexLock lock(&device->mu);
     device->sink = std::move(sink);
     device->attached = true;
   }
   {
-    absl::MutexLock lock(&registry_mu_);
+    MutexLock lock(&registry_mu_);
     auto [it, inserted] =
         devices_.try_emplace(DeviceKey(u.value(), d.value()), device);
     if (!inserted) {
@@ -394,7 +394,7 @@ absl::StatusOr<AttachResult> DeliveryManager::Attach(
   // Registered: every later commit reaches this device as an offer. Anything
   // committed before is covered by reading ranges and heads now.
   {
-    absl::MutexLock lock(&device->mu);
+    MutexLock lock(&device->mu);
     absl::Status s = RefreshRanges(*device, std::nullopt);
     device->attach_floor.clear();
     if (s.ok()) s = RefreshHeads(*device);
@@ -413,7 +413,7 @@ absl::StatusOr<AttachResult> DeliveryManager::Attach(
 absl::Status DeliveryManager::Detach(UserId u, DeviceId d) {
   DevicePtr dev;
   {
-    absl::MutexLock lock(&registry_mu_);
+    MutexLock lock(&registry_mu_);
     auto it = devices_.find(DeviceKey(u.value(), d.value()));
     if (it == devices_.end()) {
       return absl::NotFoundError("device is not attached");
@@ -432,7 +432,7 @@ absl::Status DeliveryManager::Detach(UserId u, DeviceId d) {
       }
     }
   }
-  absl::MutexLock lock(&dev->mu);
+  MutexLock lock(&dev->mu);
   Unschedule(*dev);
   dev->attached = false;
   dev->outbox.clear();
@@ -445,7 +445,7 @@ absl::Status DeliveryManager::Detach(UserId u, DeviceId d) {
 void DeliveryManager::DetachAll() {
   std::vector<DeviceKey> keys;
   {
-    absl::MutexLock lock(&registry_mu_);
+    MutexLock lock(&registry_mu_);
     for (const auto& [k, v] : devices_) keys.push_back(k);
   }
   for (const auto& k : keys) {
@@ -633,7 +633,7 @@ void DeliveryManager::OfferUser(UserId u,
                                 const std::shared_ptr<const LogEntry>& entry) {
   for (const DevicePtr& d : DevicesOf(u)) {
     {
-      absl::MutexLock lock(&d->mu);
+      MutexLock lock(&d->mu);
       if (!d->attached) continue;
       Stream& us = d->user_stream;
       us.known_head = std::max(us.known_head, pts);
@@ -651,14 +651,14 @@ void DeliveryManager::OfferConversation(
     const std::shared_ptr<const LogEntry>& entry) {
   std::vector<DevicePtr> followers;
   {
-    absl::MutexLock lock(&registry_mu_);
+    MutexLock lock(&registry_mu_);
     auto it = by_conversation_.find(c.value());
     if (it == by_conversation_.end()) return;
     followers = it->second;
   }
   for (const DevicePtr& d : followers) {
     {
-      absl::MutexLock lock(&d->mu);
+      MutexLock lock(&d->mu);
       if (!d->attached) continue;
       auto it = d->conversations.find(c.value());
       if (it == d->conversations.end()) continue;
@@ -676,7 +676,7 @@ void DeliveryManager::OfferConversation(
 void DeliveryManager::RangesChanged(UserId u, ConversationId c) {
   for (const DevicePtr& d : DevicesOf(u)) {
     {
-      absl::MutexLock lock(&d->mu);
+      MutexLock lock(&d->mu);
       if (!d->attached) continue;
       absl::Status s = RefreshRanges(*d, c);
       (void)s;  // a storage error leaves the old ranges; reattach recovers
@@ -732,7 +732,7 @@ absl::Status DeliveryManager::Ack(UserId u, DeviceId d, StreamId stream,
   DevicePtr dev = Find(u, d);
   if (dev == nullptr) return AckDetached(u, d, stream, position);
   {
-    absl::MutexLock lock(&dev->mu);
+    MutexLock lock(&dev->mu);
     Stream* s = nullptr;
     if (stream.kind == StreamKind::kUser) {
       s = &dev->user_stream;
@@ -895,7 +895,7 @@ absl::StatusOr<SyncPage> DeliveryManager::Sync(UserId u, DeviceId d,
   SyncPage page;
   page.reset = std::move(positions.reset);
   Device& device = **dev;
-  absl::MutexLock lock(&device.mu);
+  MutexLock lock(&device.mu);
   device.pull = true;
   Pump(device);
   for (Outgoing& item : device.outbox) {
@@ -943,7 +943,7 @@ int64_t DeliveryManager::RetryDelayMicros(uint32_t attempt) {
   double delay = std::min(cap, base * std::ldexp(1.0, std::min<int>(
                                                           attempt - 1, 30)));
   if (options_.retry_jitter > 0) {
-    absl::MutexLock lock(&timers_mu_);
+    MutexLock lock(&timers_mu_);
     std::uniform_real_distribution<double> jitter(1 - options_.retry_jitter,
                                                   1 + options_.retry_jitter);
     delay *= jitter(rng_);
@@ -954,7 +954,7 @@ int64_t DeliveryManager::RetryDelayMicros(uint32_t attempt) {
 void DeliveryManager::Schedule(Device& d, int64_t due) {
   if (d.scheduled_due != 0 && d.scheduled_due <= due) return;
   const DeviceKey key(d.user.value(), d.device.value());
-  absl::MutexLock lock(&timers_mu_);
+  MutexLock lock(&timers_mu_);
   if (d.scheduled_due != 0) timers_.erase({d.scheduled_due, key});
   d.scheduled_due = due;
   timers_.insert({due, key});
@@ -962,13 +962,13 @@ void DeliveryManager::Schedule(Device& d, int64_t due) {
 
 void DeliveryManager::Unschedule(Device& d) {
   if (d.scheduled_due == 0) return;
-  absl::MutexLock lock(&timers_mu_);
+  MutexLock lock(&timers_mu_);
   timers_.erase({d.scheduled_due, DeviceKey(d.user.value(), d.device.value())});
   d.scheduled_due = 0;
 }
 
 std::optional<Timestamp> DeliveryManager::NextTimerDue() {
-  absl::MutexLock lock(&timers_mu_);
+  MutexLock lock(&timers_mu_);
   if (timers_.empty()) return std::nullopt;
   return Timestamp(std::chrono::microseconds(timers_.begin()->first));
 }
@@ -977,7 +977,7 @@ size_t DeliveryManager::ProcessTimers() {
   const int64_t now = Micros(clock_->Now());
   std::vector<DeviceKey> due;
   {
-    absl::MutexLock lock(&timers_mu_);
+    MutexLock lock(&timers_mu_);
     while (!timers_.empty() && timers_.begin()->first <= now) {
       due.push_back(timers_.begin()->second);
       timers_.erase(timers_.begin());
@@ -990,7 +990,7 @@ size_t DeliveryManager::ProcessTimers() {
     DevicePtr d = Find(UserId(key.first), DeviceId(key.second));
     if (d == nullptr) continue;
     {
-      absl::MutexLock lock(&d->mu);
+      MutexLock lock(&d->mu);
       d->scheduled_due = 0;
       int64_t next_due = 0;
       auto retry = [&](Stream& s) {
@@ -1034,7 +1034,7 @@ void DeliveryManager::SendConversationEvent(ConversationId c,
                                             DeviceId except, const Event& e) {
   std::vector<DevicePtr> followers;
   {
-    absl::MutexLock lock(&registry_mu_);
+    MutexLock lock(&registry_mu_);
     auto it = by_conversation_.find(c.value());
     if (it == by_conversation_.end()) return;
     followers = it->second;
@@ -1048,7 +1048,7 @@ void DeliveryManager::PushEvent(const std::vector<DevicePtr>& devices,
   for (const DevicePtr& d : devices) {
     if (d->user == except_user && d->device == except) continue;
     {
-      absl::MutexLock lock(&d->mu);
+      MutexLock lock(&d->mu);
       if (!d->attached) continue;
       d->outbox.emplace_back(e);
       events_.fetch_add(1, std::memory_order_relaxed);

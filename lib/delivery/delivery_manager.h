@@ -37,7 +37,7 @@
 #include "absl/container/btree_map.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
+#include "common/mutex.h"
 #include "log/log_codec.h"
 #include "parley/delivery.h"
 #include "parley/options.h"
@@ -120,7 +120,7 @@ class DeliveryManager {
     Device(UserId u, DeviceId d) : user(u), device(d), user_stream(StreamId::User()) {}
     const UserId user;
     const DeviceId device;
-    absl::Mutex mu;
+    Mutex mu;
     std::shared_ptr<DeliverySink> sink ABSL_GUARDED_BY(mu);
     bool attached ABSL_GUARDED_BY(mu) = false;
     bool pull ABSL_GUARDED_BY(mu) = false;  // a Sync page, not a session
@@ -186,7 +186,7 @@ class DeliveryManager {
   HeadSource* const heads_;
   const StorageWriteOptions write_options_;
 
-  absl::Mutex registry_mu_;
+  Mutex registry_mu_;
   absl::flat_hash_map<DeviceKey, DevicePtr> devices_
       ABSL_GUARDED_BY(registry_mu_);
   absl::flat_hash_map<uint64_t, std::vector<DevicePtr>> by_user_
@@ -194,7 +194,7 @@ class DeliveryManager {
   absl::flat_hash_map<uint64_t, std::vector<DevicePtr>> by_conversation_
       ABSL_GUARDED_BY(registry_mu_);
 
-  absl::Mutex timers_mu_;
+  Mutex timers_mu_;
   std::set<std::pair<int64_t, DeviceKey>> timers_ ABSL_GUARDED_BY(timers_mu_);
   std::mt19937_64 rng_ ABSL_GUARDED_BY(timers_mu_);
 

@@ -59,7 +59,7 @@ class EngineImpl::OpGuard {
     if (e_->active_ops_.fetch_sub(1, std::memory_order_seq_cst) == 1 &&
         e_->closed_.load(std::memory_order_seq_cst)) {
       // Wake Close(): its Await re-checks the count when the mutex is freed.
-      absl::MutexLock lock(&e_->ops_mu_);
+      MutexLock lock(&e_->ops_mu_);
     }
   }
 
@@ -260,12 +260,12 @@ absl::Status EngineImpl::Commit(
       while (at < f->locked.size() && f->locked[at]->id < user) ++at;
       PARLEY_CHECK(at < f->locked.size());
       UserStreamState& u = *f->locked[at];
-      absl::MutexLock lock(&u.mu);
+      MutexLock lock(&u.mu);
       u.committed_pts = std::max(u.committed_pts, pts);
     }
   }
   if ((s.ok() && seq != 0) || pending_read) {
-    absl::MutexLock lock(&st.mu);
+    MutexLock lock(&st.mu);
     if (s.ok()) st.committed_seq = std::max(st.committed_seq, seq);
     if (pending_read) {
       auto it = std::find(st.pending_reads.begin(), st.pending_reads.end(),
@@ -325,14 +325,14 @@ absl::Status EngineImpl::LoadUserLocked(UserStreamState& us) {
 
 absl::StatusOr<uint64_t> EngineImpl::UserHead(UserId u) {
   auto us = users_.Acquire(u);
-  absl::MutexLock lock(&us->mu);
+  MutexLock lock(&us->mu);
   PARLEY_RETURN_IF_ERROR(LoadUserLocked(*us));
   return us->committed_pts;
 }
 
 absl::StatusOr<uint64_t> EngineImpl::ConversationHead(ConversationId c) {
   auto st = cache_.Acquire(c);
-  absl::MutexLock lock(&st->mu);
+  MutexLock lock(&st->mu);
   PARLEY_RETURN_IF_ERROR(LoadLocked(*st));
   return st->committed_seq;
 }
@@ -733,7 +733,7 @@ absl::StatusOr<std::vector<Member>> EngineImpl::ListMembers(ConversationId c) {
   PARLEY_RETURN_IF_ERROR(guard.status());
   auto st = cache_.Acquire(c);
   {
-    absl::MutexLock lock(&st->mu);
+    MutexLock lock(&st->mu);
     PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
     if (st->members_cached) {
       std::vector<Member> out;
@@ -763,7 +763,7 @@ absl::StatusOr<std::vector<MembershipInterval>> EngineImpl::Membership(
   PARLEY_RETURN_IF_ERROR(guard.status());
   auto st = cache_.Acquire(c);
   {
-    absl::MutexLock lock(&st->mu);
+    MutexLock lock(&st->mu);
     PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
   }
   return ReadIntervals(c, user);
@@ -975,7 +975,7 @@ absl::StatusOr<HistoryPage> EngineImpl::ReadHistory(const HistoryRequest& q) {
   uint64_t head = 0;
   {
     auto st = cache_.Acquire(q.conversation);
-    absl::MutexLock lock(&st->mu);
+    MutexLock lock(&st->mu);
     PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
     head = st->committed_seq;
   }
@@ -1064,7 +1064,7 @@ absl::StatusOr<Seq> EngineImpl::HeadSeq(UserId reader, ConversationId c) {
   uint64_t head;
   {
     auto st = cache_.Acquire(c);
-    absl::MutexLock lock(&st->mu);
+    MutexLock lock(&st->mu);
     PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
     head = st->committed_seq;
   }
@@ -1188,7 +1188,7 @@ absl::StatusOr<ReadState> EngineImpl::GetReadState(UserId user,
   std::optional<Seq> join;
   {
     auto st = cache_.Acquire(c);
-    absl::MutexLock lock(&st->mu);
+    MutexLock lock(&st->mu);
     PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
     head = st->committed_seq;
     pending = PendingReadLocked(*st, user);
@@ -1223,7 +1223,7 @@ absl::StatusOr<std::vector<DeviceReceipt>> EngineImpl::GetReceipts(
   std::vector<UserId> members;
   {
     auto st = cache_.Acquire(c);
-    absl::MutexLock lock(&st->mu);
+    MutexLock lock(&st->mu);
     PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
     if (st->mode != FanoutMode::kWrite) {
       return absl::FailedPreconditionError(
@@ -1296,7 +1296,7 @@ absl::Status EngineImpl::SendEphemeral(UserId user, DeviceId device,
   FanoutMode mode;
   {
     auto st = cache_.Acquire(c);
-    absl::MutexLock lock(&st->mu);
+    MutexLock lock(&st->mu);
     PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
     auto join = CurrentJoinLocked(*st, user);
     if (!join.ok()) return join.status();
@@ -1328,7 +1328,7 @@ absl::StatusOr<FanoutMode> EngineImpl::GetFanoutMode(ConversationId c) {
   OpGuard guard(this);
   PARLEY_RETURN_IF_ERROR(guard.status());
   auto st = cache_.Acquire(c);
-  absl::MutexLock lock(&st->mu);
+  MutexLock lock(&st->mu);
   PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
   return st->mode;
 }
@@ -1380,13 +1380,12 @@ EngineStats EngineImpl::GetStats() {
 absl::Status EngineImpl::Close() {
   std::shared_ptr<Storage> storage;
   {
-    absl::MutexLock lock(&ops_mu_);
+    MutexLock lock(&ops_mu_);
     if (close_done_) return absl::OkStatus();
     close_done_ = true;
     closed_.store(true, std::memory_order_seq_cst);
     // Wait for calls in progress: their writes complete or fail first.
-    ops_mu_.Await(absl::Condition(
-        +[](std::atomic<int>* n) { return n->load() == 0; }, &active_ops_));
+    ops_mu_.Await([this] { return active_ops_.load() == 0; });
     delivery_.DetachAll();
     storage = std::move(storage_);
   }

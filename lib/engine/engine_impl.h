@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
+#include "common/mutex.h"
 #include "dedup/inflight_sends.h"
 #include "delivery/delivery_manager.h"
 #include "ids/message_id_generator.h"
@@ -158,7 +158,7 @@ class EngineImpl final : public Engine, private HeadSource {
   // Calls in progress, without a shared lock on the hot path: a call bumps
   // active_ops_ and then checks closed_; Close() sets closed_ and waits on
   // ops_mu_ for active_ops_ to drain (the last call out pokes the mutex).
-  absl::Mutex ops_mu_;
+  Mutex ops_mu_;
   std::atomic<bool> closed_{false};
   std::atomic<int> active_ops_{0};
   bool close_done_ ABSL_GUARDED_BY(ops_mu_) = false;

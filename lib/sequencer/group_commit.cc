@@ -10,7 +10,7 @@ GroupCommitter::GroupCommitter(Storage* storage, bool sync, size_t max_group)
     : storage_(storage), sync_(sync), max_group_(max_group) {}
 
 void GroupCommitter::Enqueue(Request* r) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   if (r->epoch != epoch_.load(std::memory_order_acquire)) {
     r->done = true;
     r->status = absl::UnavailableError(
@@ -26,12 +26,12 @@ bool GroupCommitter::CanLead(Request* r) const {
 }
 
 absl::Status GroupCommitter::Await(Request* r) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   auto ready = [this, r]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
     return r->done || CanLead(r);
   };
   while (true) {
-    mu_.Await(absl::Condition(&ready));
+    mu_.Await(ready);
     if (r->done) return r->status;
 
     // Lead: take a group from the front of the queue, in order.

@@ -22,7 +22,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
-#include "absl/synchronization/mutex.h"
+#include "common/mutex.h"
 #include "parley/storage.h"
 
 namespace parley {
@@ -62,7 +62,7 @@ class GroupCommitter {
   std::atomic<uint64_t> epoch_{1};
   std::atomic<uint64_t> writes_{0};
 
-  absl::Mutex mu_;
+  Mutex mu_;
   std::deque<Request*> queue_ ABSL_GUARDED_BY(mu_);
   bool leader_active_ ABSL_GUARDED_BY(mu_) = false;
 };

@@ -19,7 +19,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
-#include "absl/synchronization/mutex.h"
+#include "common/mutex.h"
 #include "parley/delivery.h"
 #include "parley/types.h"
 
@@ -29,7 +29,7 @@ struct ConversationState {
   explicit ConversationState(ConversationId c) : id(c) {}
 
   const ConversationId id;
-  absl::Mutex mu;
+  Mutex mu;
 
   // Whether the fields below reflect storage as of `epoch`.
   bool loaded ABSL_GUARDED_BY(mu) = false;
@@ -65,7 +65,7 @@ struct UserStreamState {
   explicit UserStreamState(UserId u) : id(u) {}
 
   const UserId id;
-  absl::Mutex mu;
+  Mutex mu;
   bool loaded ABSL_GUARDED_BY(mu) = false;
   uint64_t epoch ABSL_GUARDED_BY(mu) = 0;
   uint64_t assigned_pts ABSL_GUARDED_BY(mu) = 0;
@@ -87,7 +87,7 @@ class StateCache {
   template <typename Id>
   std::shared_ptr<State> Acquire(Id id) {
     Shard& s = shards_[(id.value() * 0x9e3779b97f4a7c15ull) >> 60];
-    absl::MutexLock lock(&s.mu);
+    MutexLock lock(&s.mu);
     auto [it, inserted] = s.map.try_emplace(id.value());
     if (inserted) {
       it->second = std::make_shared<State>(id);
@@ -106,7 +106,7 @@ class StateCache {
   size_t size() {
     size_t n = 0;
     for (Shard& s : shards_) {
-      absl::MutexLock lock(&s.mu);
+      MutexLock lock(&s.mu);
       n += s.map.size();
     }
     return n;
@@ -115,7 +115,7 @@ class StateCache {
  private:
   static constexpr int kShards = 16;
   struct Shard {
-    absl::Mutex mu;
+    Mutex mu;
     absl::flat_hash_map<uint64_t, std::shared_ptr<State>> map
         ABSL_GUARDED_BY(mu);
     // Most recently used at head.

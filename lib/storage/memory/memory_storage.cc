@@ -21,7 +21,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
-#include "absl/synchronization/mutex.h"
+#include "common/mutex.h"
 #include "common/coding.h"
 #include "parley/clock.h"
 #include "parley/storage.h"
@@ -116,7 +116,7 @@ class MemoryStorageImpl final : public MemoryStorage {
     absl::Status status = batch.Iterate(collector);
     if (!status.ok()) return status;
 
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     if (closed_) return ClosedError();
     if (failing_writes_ > 0) {
       --failing_writes_;
@@ -139,7 +139,7 @@ class MemoryStorageImpl final : public MemoryStorage {
     if (!IsValidSpace(space)) {
       return absl::InvalidArgumentError("memory storage: bad space");
     }
-    absl::ReaderMutexLock lock(&mu_);
+    ReaderMutexLock lock(&mu_);
     if (closed_) return ClosedError();
     const KeyValueMap& map = spaces_[Index(space)];
     auto it = map.find(key);
@@ -156,7 +156,7 @@ class MemoryStorageImpl final : public MemoryStorage {
     }
     Entries entries;
     {
-      absl::ReaderMutexLock lock(&mu_);
+      ReaderMutexLock lock(&mu_);
       if (closed_) {
         return std::make_unique<SnapshotIterator>(Entries(), ClosedError());
       }
@@ -171,7 +171,7 @@ class MemoryStorageImpl final : public MemoryStorage {
   }
 
   absl::Status SyncWal() override {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     if (closed_) return ClosedError();
     ForgetUndoLocked();
     return absl::OkStatus();
@@ -179,7 +179,7 @@ class MemoryStorageImpl final : public MemoryStorage {
 
   absl::Status CompactAll() override {
     const int64_t now_micros = clock_->Now().time_since_epoch().count();
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     if (closed_) return ClosedError();
     // The undo log is left alone: a value it would restore was the synced
     // one, and restoring an expired value is allowed (dropping is lazy).
@@ -201,12 +201,12 @@ class MemoryStorageImpl final : public MemoryStorage {
 
   uint64_t ApproximateSize(Space space) override {
     if (!IsValidSpace(space)) return 0;
-    absl::ReaderMutexLock lock(&mu_);
+    ReaderMutexLock lock(&mu_);
     return bytes_[Index(space)];
   }
 
   absl::Status Close() override {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     closed_ = true;
     for (int i = 0; i < kNumSpaces; ++i) {
       spaces_[i].clear();
@@ -217,7 +217,7 @@ class MemoryStorageImpl final : public MemoryStorage {
   }
 
   void DropUnsyncedWrites() override {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     for (int i = 0; i < kNumSpaces; ++i) {
       const Space space = static_cast<Space>(i);
       for (auto& [key, synced] : undo_[i]) {
@@ -232,7 +232,7 @@ class MemoryStorageImpl final : public MemoryStorage {
   }
 
   void FailNextWrites(int n) override {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     failing_writes_ = n > 0 ? n : 0;
   }
 
@@ -279,7 +279,7 @@ class MemoryStorageImpl final : public MemoryStorage {
 
   const std::shared_ptr<Clock> clock_;
 
-  absl::Mutex mu_;
+  Mutex mu_;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   int failing_writes_ ABSL_GUARDED_BY(mu_) = 0;
   std::array<KeyValueMap, kNumSpaces> spaces_ ABSL_GUARDED_BY(mu_);

@@ -15,7 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
+#include "common/mutex.h"
 #include "common/check.h"
 #include "common/coding.h"
 #include "parley/clock.h"
@@ -230,7 +230,7 @@ class RocksDbStorage final : public Storage {
 
   absl::Status Write(const WriteBatch& batch,
                      const StorageWriteOptions& options) override {
-    absl::ReaderMutexLock lock(&mu_);
+    ReaderMutexLock lock(&mu_);
     if (db_ == nullptr) return ClosedError();
     BatchTranslator translator(*db_);
     absl::Status status = batch.Iterate(translator);
@@ -248,7 +248,7 @@ class RocksDbStorage final : public Storage {
     if (!IsValidSpace(space)) {
       return absl::InvalidArgumentError("rocksdb storage: bad space");
     }
-    absl::ReaderMutexLock lock(&mu_);
+    ReaderMutexLock lock(&mu_);
     if (db_ == nullptr) return ClosedError();
     return FromRocks(
         db_->db->Get(rocksdb::ReadOptions(), db_->spaces[Index(space)],
@@ -262,20 +262,20 @@ class RocksDbStorage final : public Storage {
       return std::make_unique<ErrorIterator>(
           absl::InvalidArgumentError("rocksdb storage: bad space"));
     }
-    absl::ReaderMutexLock lock(&mu_);
+    ReaderMutexLock lock(&mu_);
     if (db_ == nullptr) return std::make_unique<ErrorIterator>(ClosedError());
     return std::make_unique<RocksDbIterator>(db_, db_->spaces[Index(space)],
                                              lower, upper);
   }
 
   absl::Status SyncWal() override {
-    absl::ReaderMutexLock lock(&mu_);
+    ReaderMutexLock lock(&mu_);
     if (db_ == nullptr) return ClosedError();
     return FromRocks(db_->db->FlushWAL(/*sync=*/true), "FlushWAL");
   }
 
   absl::Status CompactAll() override {
-    absl::ReaderMutexLock lock(&mu_);
+    ReaderMutexLock lock(&mu_);
     if (db_ == nullptr) return ClosedError();
     // Flush first: the compaction filter never sees memtables.
     rocksdb::FlushOptions flush_options;
@@ -301,7 +301,7 @@ class RocksDbStorage final : public Storage {
 
   uint64_t ApproximateSize(Space space) override {
     if (!IsValidSpace(space)) return 0;
-    absl::ReaderMutexLock lock(&mu_);
+    ReaderMutexLock lock(&mu_);
     if (db_ == nullptr) return 0;
     rocksdb::ColumnFamilyHandle* handle = db_->spaces[Index(space)];
     uint64_t total = 0;
@@ -317,7 +317,7 @@ class RocksDbStorage final : public Storage {
   absl::Status Close() override {
     std::shared_ptr<Database> db;
     {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       db = std::move(db_);  // leaves db_ null: later calls see "closed"
     }
     if (db == nullptr) return absl::OkStatus();
@@ -331,7 +331,7 @@ class RocksDbStorage final : public Storage {
   }
 
  private:
-  absl::Mutex mu_;
+  Mutex mu_;
   std::shared_ptr<Database> db_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -223,7 +223,9 @@ class Engine {
   virtual EngineStats GetStats() = 0;
 
   // Waits for sends in progress, makes buffered writes durable and refuses
-  // further calls with FailedPrecondition. Idempotent.
+  // further calls with FailedPrecondition. Idempotent. Called from inside a
+  // DeliverySink callback (it would wait for its own caller) it returns
+  // FailedPrecondition and closes nothing.
   virtual absl::Status Close() = 0;
 };
 

@@ -721,9 +721,16 @@ absl::Status DeliveryManager::WriteAck(Device& d, Stream& s, uint64_t acked,
     uint64_t& m = delivered[f.item.entry->conversation.value()];
     m = std::max(m, f.item.entry->seq.value());
   }
+  PARLEY_RETURN_IF_ERROR(PutDelivered(d.user, d.device, delivered, &batch));
+  return storage_->Write(batch, write_options_);
+}
+
+absl::Status DeliveryManager::PutDelivered(
+    UserId u, DeviceId d, const std::map<uint64_t, uint64_t>& delivered,
+    WriteBatch* batch) {
+  std::string v;
   for (const auto& [c, seq] : delivered) {
-    const std::string key =
-        keys::DeliveredKey(d.user, ConversationId(c), d.device);
+    const std::string key = keys::DeliveredKey(u, ConversationId(c), d);
     std::string old;
     absl::Status gs = storage_->Get(Space::kCursors, key, &old);
     uint64_t prev = 0;
@@ -735,9 +742,9 @@ absl::Status DeliveryManager::WriteAck(Device& d, Stream& s, uint64_t acked,
     if (seq <= prev) continue;
     v.clear();
     PutFixed64BE(&v, seq);
-    batch.Put(Space::kCursors, key, v);
+    batch->Put(Space::kCursors, key, v);
   }
-  return storage_->Write(batch, write_options_);
+  return absl::OkStatus();
 }
 
 absl::Status DeliveryManager::Ack(UserId u, DeviceId d, StreamId stream,
@@ -858,6 +865,24 @@ absl::Status DeliveryManager::AckDetached(UserId u, DeviceId d,
   PutFixed64BE(&value, position);
   WriteBatch batch;
   batch.Put(Space::kCursors, key, value);
+  // Receipts: the conversations (and seqs) this ack covers.
+  std::map<uint64_t, uint64_t> delivered;
+  if (stream.kind == StreamKind::kUser) {
+    auto it = storage_->NewIterator(Space::kUserStream,
+                                    keys::UserStreamKey(u, prev + 1),
+                                    keys::UserStreamKey(u, position + 1));
+    for (it->Seek(keys::UserStreamKey(u, prev + 1)); it->Valid(); it->Next()) {
+      ConversationId c;
+      Seq seq;
+      PARLEY_RETURN_IF_ERROR(DecodeIndexValue(it->value(), &c, &seq));
+      uint64_t& m = delivered[c.value()];
+      m = std::max(m, seq.value());
+    }
+    PARLEY_RETURN_IF_ERROR(it->status());
+  } else {
+    delivered[stream.conversation.value()] = position;
+  }
+  PARLEY_RETURN_IF_ERROR(PutDelivered(u, d, delivered, &batch));
   PARLEY_RETURN_IF_ERROR(storage_->Write(batch, write_options_));
   acks_.fetch_add(1, std::memory_order_relaxed);
   return absl::OkStatus();

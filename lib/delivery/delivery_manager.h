@@ -212,6 +212,10 @@ class DeliveryManager {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
   absl::Status AckDetached(UserId u, DeviceId d, StreamId stream,
                            uint64_t position);
+  // Adds the receipt records (conversation -> delivered seq) that move up.
+  absl::Status PutDelivered(UserId u, DeviceId d,
+                            const std::map<uint64_t, uint64_t>& delivered,
+                            WriteBatch* batch);
 
   DevicePtr Find(UserId u, DeviceId d);
   std::vector<DevicePtr> DevicesOf(UserId u);

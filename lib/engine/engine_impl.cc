@@ -39,15 +39,32 @@ absl::Status NotMemberError(UserId u, ConversationId c) {
 
 }  // namespace
 
+// The engines whose calls the current thread is inside (a sink calling back
+// into the engine nests them). Per-thread bookkeeping only: it lets Close()
+// refuse to wait for the very call it is made from.
+namespace {
+std::vector<const EngineImpl*>& CallsOnThisThread() {
+  thread_local std::vector<const EngineImpl*> calls;
+  return calls;
+}
+}  // namespace
+
 class EngineImpl::OpGuard {
  public:
   explicit OpGuard(EngineImpl* e) : e_(e) {
     e_->active_ops_.fetch_add(1, std::memory_order_seq_cst);
     ok_ = !e_->closed_.load(std::memory_order_seq_cst);
-    if (!ok_) Leave();
+    if (!ok_) {
+      Leave();
+    } else {
+      CallsOnThisThread().push_back(e_);
+    }
   }
   ~OpGuard() {
-    if (ok_) Leave();
+    if (ok_) {
+      CallsOnThisThread().pop_back();
+      Leave();
+    }
   }
   absl::Status status() const {
     return ok_ ? absl::OkStatus()
@@ -1471,6 +1488,13 @@ EngineStats EngineImpl::GetStats() {
 }
 
 absl::Status EngineImpl::Close() {
+  const auto& calls = CallsOnThisThread();
+  if (std::find(calls.begin(), calls.end(), this) != calls.end()) {
+    // It would wait for the call it is made from (a sink's caller).
+    return absl::FailedPreconditionError(
+        "Close called from inside an engine call (a DeliverySink callback); "
+        "call it once the callback has returned");
+  }
   std::shared_ptr<Storage> storage;
   {
     MutexLock lock(&ops_mu_);

@@ -53,7 +53,7 @@ namespace parley::testing {
 
 // The one place a test reads Delivery::entry (about to become a shared
 // pointer).
-inline const LogEntry& EntryOf(const Delivery& d) { return d.entry; }
+inline const LogEntry& EntryOf(const Delivery& d) { return *d.entry; }
 
 // How long to wait for something that happens in today's engine but may
 // legitimately not happen in a fixed one (see the header comment).

@@ -494,8 +494,27 @@ class Checker {
     }
   }
 
+  // ---- the per-device timeline -----------------------------------------
+  // Records in real-time order, with an Attach split into its begin and its
+  // end: while a device's Attach runs, the old session may still deliver and
+  // the new one redeliver, so which connection a delivery belongs to is
+  // only known outside that window.
+  enum class At : uint8_t { kBegin, kAttachEnd };
+  std::vector<std::pair<size_t, At>> Timeline() const {
+    std::vector<std::tuple<uint64_t, size_t, At>> ev;
+    for (size_t i = 0; i < h_.size(); ++i) {
+      ev.emplace_back(h_[i].begin, i, At::kBegin);
+      if (h_[i].call == Call::kAttach) ev.emplace_back(h_[i].end, i, At::kAttachEnd);
+    }
+    std::sort(ev.begin(), ev.end());
+    std::vector<std::pair<size_t, At>> out;
+    for (const auto& [t, i, at] : ev) out.emplace_back(i, at);
+    return out;
+  }
+
   // ---- I4 --------------------------------------------------------------
   void CheckI4() {
+    constexpr uint64_t kInTransition = UINT64_MAX;
     struct ConvState {
       uint64_t max = 0;
       size_t max_record = 0;
@@ -503,6 +522,7 @@ class Checker {
     };
     struct DevState {
       uint64_t epoch = 0;
+      int attaching = 0;  // Attach calls in progress
       std::map<uint64_t, ConvState> convs;
     };
     std::map<std::pair<uint64_t, uint64_t>, DevState> devs;
@@ -521,20 +541,30 @@ class Checker {
                        ") after #" + S(cs.max) +
                        " had been delivered: seq order inverted",
              {cs.max_record, i}, e.conv, device);
-      } else if (del.attempt <= 1 && seen->second == d.epoch) {
+      } else if (del.attempt <= 1 && seen->second == d.epoch &&
+                 d.attaching == 0) {
         Fail("I4", std::string(how) + " u" + S(user) + "/d" + S(device) +
                        " got c" + S(e.conv) + "#" + S(e.seq) + " (" +
                        Describe(del.stream) + "@" + S(del.position) +
                        ") a second time on the same connection as attempt 1",
              {i}, e.conv, device);
       }
-      cs.epoch_of[e.seq] = d.epoch;
+      cs.epoch_of[e.seq] = d.attaching > 0 ? kInTransition : d.epoch;
     };
-    for (size_t i = 0; i < h_.size(); ++i) {
+    for (const auto& [i, at] : Timeline()) {
       const Record& r = h_[i];
       const std::pair<uint64_t, uint64_t> key{r.user, r.device};
+      if (at == At::kAttachEnd) {
+        DevState& d = devs[key];
+        --d.attaching;
+        ++d.epoch;
+        continue;
+      }
       switch (r.call) {
         case Call::kAttach:
+          ++devs[key].attaching;
+          ++devs[key].epoch;
+          break;
         case Call::kDetach:
           ++devs[key].epoch;
           break;
@@ -745,24 +775,39 @@ class Checker {
   }
 
   // ---- I10 -------------------------------------------------------------
+  // Unacked deliveries per connection, counted from the end of its Attach
+  // (deliveries inside the Attach window may be the old session's). An OK
+  // ack counts from its begin. Both undercount, so a count above the cap is
+  // certain.
   void CheckI10() {
     using Dev = std::pair<uint64_t, uint64_t>;
     struct Conn {
       std::set<std::pair<StreamId, uint64_t>> open;
       std::map<StreamId, uint64_t> acked;
+      int attaching = 0;
       bool reported = false;
     };
     std::map<Dev, Conn> conns;
-    for (size_t i = 0; i < h_.size(); ++i) {
+    for (const auto& [i, at] : Timeline()) {
       const Record& r = h_[i];
       const Dev k{r.user, r.device};
+      if (at == At::kAttachEnd) {
+        Conn& c = conns[k];
+        c.open.clear();
+        c.acked.clear();
+        for (const auto& p : r.positions) c.acked[p.stream] = p.position;
+        --c.attaching;
+        continue;
+      }
       switch (r.call) {
         case Call::kAttach:
+          ++conns[k].attaching;
+          break;
         case Call::kDetach:
-          conns[k] = Conn{};
+          conns[k].open.clear();
           break;
         case Call::kClose:
-          conns.clear();
+          for (auto& [key, c] : conns) c.open.clear();
           break;
         case Call::kAck:
           if (r.ok()) {
@@ -780,6 +825,7 @@ class Checker {
           break;
         case Call::kDeliver: {
           Conn& c = conns[k];
+          if (c.attaching > 0) break;
           for (const auto& d : r.deliveries) {
             if (d.position > c.acked[d.stream]) c.open.insert({d.stream, d.position});
           }

@@ -17,7 +17,7 @@
 #include <sstream>
 #include <thread>
 
-#include "concurrency/faulty_storage_standin.h"
+#include "testing/faulty_storage.h"
 #include "parley/engine.h"
 #include "testing/backends.h"
 
@@ -172,6 +172,7 @@ class Workload {
   Engine& E() { return *engine_; }
 
   void Configure();
+  void SetAfterFaults();
   void OpenEngine();
   void Restart();
   void Setup();
@@ -224,6 +225,9 @@ class Workload {
   // Engine options and fault plan drawn from the seed.
   Options base_options_;
   FaultPlan plan_;
+  double written_but_failed_odds_ = 0;  // writes applied, reported Unavailable
+  std::shared_ptr<std::atomic<uint64_t>> after_errors_ =
+      std::make_shared<std::atomic<uint64_t>>(0);
   std::string description_;
 
   // Guarded by gate_ (changed only while it is closed, or single-threaded).
@@ -281,6 +285,10 @@ void Workload::Configure() {
     plan_.slow_odds = 0.1;
   }
   plan_.max_delay = std::chrono::microseconds(300);
+  // Outcome unknown: the write took effect, the caller hears Unavailable.
+  if (plan_.write_error_odds > 0 && rng.P(0.5)) {
+    written_but_failed_odds_ = 0.003 + rng.U() * 0.007;
+  }
   for (uint64_t u = 1; u <= kUsers; ++u) {
     const uint64_t n = 1 + rng.R(2);
     for (uint64_t k = 1; k <= n; ++k) {
@@ -300,12 +308,28 @@ void Workload::Configure() {
     << " max_cached_conversations=" << o.max_cached_conversations
     << " faults: read=" << plan_.read_error_odds
     << " write=" << plan_.write_error_odds << " sync=" << plan_.sync_error_odds
-    << " slow=" << plan_.slow_odds << " devices:";
+    << " slow=" << plan_.slow_odds
+    << " written_but_failed=" << written_but_failed_odds_ << " devices:";
   for (const auto& d : devices_) {
     s << " u" << d->user << "/d" << d->device << (d->pull ? "(pull)" : "")
       << (d->inline_ack_odds > 0 ? "(inline-ack)" : "");
   }
   description_ = s.str();
+}
+
+void Workload::SetAfterFaults() {
+  if (written_but_failed_odds_ <= 0) return;
+  auto counter = std::make_shared<std::atomic<uint64_t>>(0);
+  const uint64_t seed = Mix(opt_.seed + 77 * generation_);
+  const double odds = written_but_failed_odds_;
+  auto errors = after_errors_;
+  faulty_->SetAfterHook([=](StorageOp op, Space, std::string_view,
+                            const absl::Status& result) {
+    if (op != StorageOp::kWrite || !result.ok()) return result;
+    if (Unit(Mix(seed ^ counter->fetch_add(1))) >= odds) return result;
+    errors->fetch_add(1);
+    return absl::UnavailableError("injected: written, reported as failed");
+  });
 }
 
 void Workload::OpenEngine() {
@@ -316,6 +340,7 @@ void Workload::OpenEngine() {
       FaultPlan p = plan_;
       p.seed = Mix(plan_.seed + generation_ * 101 + attempt);
       faulty_->SetPlan(p);
+      SetAfterFaults();
     }
     o.storage = faulty_;
     ++generation_;
@@ -394,6 +419,7 @@ void Workload::Setup() {
   FaultPlan p = plan_;
   p.seed = Mix(plan_.seed + 1);
   faulty_->SetPlan(p);
+  SetAfterFaults();
   Phase("run");
 }
 
@@ -988,6 +1014,7 @@ void Workload::FinalPhase() {
   faults_on_ = false;
   Phase("faults-stopped");
   faulty_->ClearFaults();
+  faulty_->SetAfterHook(nullptr);
   // Every send that was acknowledged or whose outcome is unknown, once more:
   // a defined outcome for each (and I5 across restarts).
   std::set<std::pair<uint64_t, std::string>> done;
@@ -1128,7 +1155,7 @@ WorkloadResult Workload::Run() {
   for (uint64_t u = 1; u <= kUsers; ++u) out.config.users.push_back(u);
   out.description = description_;
   out.operations = operations_.load();
-  out.injected_errors = errors_;
+  out.injected_errors = errors_ + after_errors_->load();
   out.injected_delays = delays_;
   return out;
 }

@@ -33,7 +33,7 @@ namespace parley::testing {
 
 // The one place test code reads Delivery::entry (it is about to become a
 // shared_ptr<const LogEntry>; then this is the only line to change).
-inline const LogEntry& EntryOf(const Delivery& d) { return d.entry; }
+inline const LogEntry& EntryOf(const Delivery& d) { return *d.entry; }
 
 enum class Call : uint8_t {
   kPhase,         // a marker: note = "setup", "run", "faults-stopped", ...

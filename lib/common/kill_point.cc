@@ -82,7 +82,8 @@ void MaybeKill(const char* name) {
     if (u >= p.odds) return;
     const std::string line = "parley kill point " + p.name + "\n";
     // Best effort: the kill is the point, not the message.
-    [[maybe_unused]] ssize_t n = ::write(STDERR_FILENO, line.data(), line.size());
+    [[maybe_unused]] ssize_t n =
+        ::write(STDERR_FILENO, line.data(), line.size());
     std::raise(SIGKILL);
   }
 }

@@ -209,8 +209,9 @@ void Checker::CheckCycle(int cycle, Engine& e, ManualClock& clock,
   // What the child found at start-up must include everything verified.
   for (const auto& [c, h] : r.recovered) {
     if (h < Head(c)) {
-      Violate("lost", "conv " + std::to_string(c) + ": the child recovered head " +
-                          std::to_string(h) + " below the verified head " +
+      Violate("lost", "conv " + std::to_string(c) +
+                          ": the child recovered head " + std::to_string(h) +
+                          " below the verified head " +
                           std::to_string(Head(c)));
     }
   }
@@ -223,8 +224,9 @@ void Checker::CheckCycle(int cycle, Engine& e, ManualClock& clock,
     if (head.ok()) {
       h = head->value();
     } else if (!absl::IsNotFound(head.status()) || !m.ids.empty()) {
-      Violate(m.ids.empty() ? "engine_errors" : "lost",
-              "HeadSeq(" + std::to_string(c) + "): " + head.status().ToString());
+      Violate(
+          m.ids.empty() ? "engine_errors" : "lost",
+          "HeadSeq(" + std::to_string(c) + "): " + head.status().ToString());
       continue;
     }
     if (h < m.ids.size()) {
@@ -234,8 +236,7 @@ void Checker::CheckCycle(int cycle, Engine& e, ManualClock& clock,
       continue;
     }
     const uint64_t before = m.ids.size();
-    const uint64_t from =
-        full || before < kRescan ? 1 : before - kRescan + 1;
+    const uint64_t from = full || before < kRescan ? 1 : before - kRescan + 1;
     if (h >= from) ScanLog(e, m, h, from);
     new_entries_ += m.ids.size() - before;
   }
@@ -336,8 +337,8 @@ void Checker::CheckEntry(ConvModel& m, const LogEntry& entry) {
                              "): payload is not the one sent");
   }
   if (entry.device.value() != kSenderDeviceBase + ((*key >> 32) & 0xff)) {
-    Violate("phantoms", where + ": sent by device " +
-                            std::to_string(entry.device.value()));
+    Violate("phantoms",
+            where + ": sent by device " + std::to_string(entry.device.value()));
   }
   auto [it, inserted] = cid_at_.try_emplace(*key, Pack(c, seq));
   if (!inserted && it->second != Pack(c, seq)) {
@@ -351,10 +352,9 @@ void Checker::CheckEntry(ConvModel& m, const LogEntry& entry) {
 void Checker::CheckSends(Engine& e, const ChildReport& r) {
   std::map<std::pair<uint64_t, uint64_t>, const SendRecord*> acked_at;
   for (const SendRecord& s : r.sends) {
-    const std::string what = "acked send " + s.cid + " (" +
-                             std::to_string(s.conv) + "#" +
-                             std::to_string(s.seq) + ", id " +
-                             std::to_string(s.id) + ")";
+    const std::string what =
+        "acked send " + s.cid + " (" + std::to_string(s.conv) + "#" +
+        std::to_string(s.seq) + ", id " + std::to_string(s.id) + ")";
     auto [it, inserted] = acked_at.try_emplace({s.conv, s.seq}, &s);
     if (!inserted) {
       Violate("divergent", what + " shares its seq with acked send " +
@@ -362,8 +362,8 @@ void Checker::CheckSends(Engine& e, const ChildReport& r) {
                                std::to_string(it->second->id) + ")");
     }
     if (s.seq == 0 || s.seq > Head(s.conv)) {
-      Violate("lost", what + ": beyond the head " +
-                          std::to_string(Head(s.conv)));
+      Violate("lost",
+              what + ": beyond the head " + std::to_string(Head(s.conv)));
       continue;
     }
     const uint64_t stored = convs_[s.conv].ids[s.seq - 1];
@@ -390,16 +390,16 @@ void Checker::CheckSends(Engine& e, const ChildReport& r) {
 
 void Checker::CheckMembers(const ChildReport& r) {
   for (const MemberRecord& m : r.members) {
-    const std::string what = std::string("acked ") +
-                             (m.add ? "add of " : "removal of ") +
-                             std::to_string(m.user) + " at " +
-                             std::to_string(m.conv) + "#" +
-                             std::to_string(m.seq);
+    const std::string what =
+        std::string("acked ") + (m.add ? "add of " : "removal of ") +
+        std::to_string(m.user) + " at " + std::to_string(m.conv) + "#" +
+        std::to_string(m.seq);
     auto it = fresh_.find({m.conv, m.seq});
     if (m.seq > Head(m.conv)) {
       Violate("lost", what + ": beyond the head");
     } else if (it == fresh_.end()) {
-      Violate("divergent", what + ": that seq was verified in an earlier cycle");
+      Violate("divergent",
+              what + ": that seq was verified in an earlier cycle");
     } else if (it->second.kind != (m.add ? EntryKind::kMemberAdded
                                          : EntryKind::kMemberRemoved) ||
                it->second.subject != m.user) {
@@ -455,8 +455,7 @@ void Checker::CheckDedup(Engine& e, const ChildReport& r) {
   // Sends stored but never acknowledged (in flight at the kill): a client
   // retrying after the crash must get the stored result.
   for (const auto& [at, f] : fresh_) {
-    if (f.kind != EntryKind::kMessage || acked.count(f.cid) ||
-        !CidKey(f.cid)) {
+    if (f.kind != EntryKind::kMessage || acked.count(f.cid) || !CidKey(f.cid)) {
       continue;
     }
     ++stats_["stored_unacked_sends"];
@@ -494,9 +493,8 @@ void Checker::CheckDedup(Engine& e, const ChildReport& r) {
 void Checker::CheckDelivered(DeviceState& d, const StreamId& stream,
                              uint64_t position, uint64_t conv, uint64_t seq,
                              const Windows& windows, const std::string& who) {
-  const std::string what = who + " delivery to " +
-                           std::to_string(d.spec.user) + "/" +
-                           std::to_string(d.spec.device) + " of " +
+  const std::string what = who + " delivery to " + std::to_string(d.spec.user) +
+                           "/" + std::to_string(d.spec.device) + " of " +
                            std::to_string(conv) + "#" + std::to_string(seq) +
                            " at " + StreamName(stream) + "@" +
                            std::to_string(position);
@@ -516,8 +514,8 @@ void Checker::CheckDelivered(DeviceState& d, const StreamId& stream,
       pts[position] = Pack(conv, seq);
     } else if (pts[position] != Pack(conv, seq)) {
       Violate("pts_conflicts",
-              what + ": that pts carried " + std::to_string(pts[position] >> 40) +
-                  "#" +
+              what + ": that pts carried " +
+                  std::to_string(pts[position] >> 40) + "#" +
                   std::to_string(pts[position] & ((uint64_t{1} << 40) - 1)) +
                   " before");
     }
@@ -536,8 +534,8 @@ void Checker::CheckDelivered(DeviceState& d, const StreamId& stream,
     }
     if (seq > max_seen) {
       max_seen = seq;
-      d.max_seen_by[conv] = who + " at " + StreamName(stream) + "@" +
-                            std::to_string(position);
+      d.max_seen_by[conv] =
+          who + " at " + StreamName(stream) + "@" + std::to_string(position);
     }
     Set(seen, seq);
   }
@@ -586,8 +584,8 @@ void Checker::CheckDevice(Engine& e, ManualClock& clock, const ChildReport& r,
   // I9: durable positions cover what was acked.
   auto stored = e.Positions(user, device);
   if (!stored.ok()) {
-    Violate("engine_errors", "Positions(" + name + "): " +
-                                 stored.status().ToString());
+    Violate("engine_errors",
+            "Positions(" + name + "): " + stored.status().ToString());
     return;
   }
   std::map<StreamId, uint64_t> p;
@@ -602,10 +600,10 @@ void Checker::CheckDevice(Engine& e, ManualClock& clock, const ChildReport& r,
     auto it = p.find(stream);
     const uint64_t have = it == p.end() ? 0 : it->second;
     if (have < position) {
-      Violate("cursor_regressions",
-              name + " " + StreamName(stream) + ": durable position " +
-                  std::to_string(have) + " below acked " +
-                  std::to_string(position));
+      Violate("cursor_regressions", name + " " + StreamName(stream) +
+                                        ": durable position " +
+                                        std::to_string(have) + " below acked " +
+                                        std::to_string(position));
     }
   }
 
@@ -615,7 +613,8 @@ void Checker::CheckDevice(Engine& e, ManualClock& clock, const ChildReport& r,
     CheckDelivered(d, dl.stream, dl.position, dl.conv, dl.seq, windows,
                    "child(attach " + std::to_string(dl.serial) + ")");
     auto it = p.find(dl.stream);
-    if (it != p.end() && dl.position <= it->second) Set(d.known[dl.conv], dl.seq);
+    if (it != p.end() && dl.position <= it->second)
+      Set(d.known[dl.conv], dl.seq);
   }
   for (const ResetRecord& rs : r.resets) {
     if (rs.user == d.spec.user && rs.device == d.spec.device) {
@@ -629,8 +628,8 @@ void Checker::CheckDevice(Engine& e, ManualClock& clock, const ChildReport& r,
   if (p.empty()) options.resume_from.push_back({StreamId::User(), 0});
   auto attached = e.Attach(user, device, sink, options);
   if (!attached.ok()) {
-    Violate("engine_errors", "Attach(" + name + "): " +
-                                 attached.status().ToString());
+    Violate("engine_errors",
+            "Attach(" + name + "): " + attached.status().ToString());
     return;
   }
   for (const StreamPosition& rs : attached->reset) {
@@ -680,12 +679,12 @@ void Checker::CheckDevice(Engine& e, ManualClock& clock, const ChildReport& r,
     const uint64_t last = *user_positions.rbegin();
     if (*user_positions.begin() != first ||
         user_positions.size() != last - first + 1) {
-      Violate("catchup_gaps",
-              name + " user stream: catch-up from " + std::to_string(first) +
-                  " handed " + std::to_string(user_positions.size()) +
-                  " positions between " +
-                  std::to_string(*user_positions.begin()) + " and " +
-                  std::to_string(last));
+      Violate("catchup_gaps", name + " user stream: catch-up from " +
+                                  std::to_string(first) + " handed " +
+                                  std::to_string(user_positions.size()) +
+                                  " positions between " +
+                                  std::to_string(*user_positions.begin()) +
+                                  " and " + std::to_string(last));
     }
   }
   absl::Status detached = e.Detach(user, device);
@@ -716,8 +715,8 @@ void Checker::CheckDevice(Engine& e, ManualClock& clock, const ChildReport& r,
   // The positions the parent acked are durable; later cycles must keep them.
   auto after = e.Positions(user, device);
   if (!after.ok()) {
-    Violate("engine_errors", "Positions(" + name + "): " +
-                                 after.status().ToString());
+    Violate("engine_errors",
+            "Positions(" + name + "): " + after.status().ToString());
     return;
   }
   std::map<StreamId, uint64_t> now;

@@ -84,12 +84,14 @@ struct ChildReport {
 
 // The invariants counted, in the order the summary prints them.
 inline std::vector<std::string> ViolationKinds() {
-  return {
-      "lost",            "gaps",           "divergent",
-      "duplicates_after_dedup", "dedup_failures", "cursor_regressions",
-      "catchup_gaps",    "undocumented_resets", "inversions",
-      "outside_window",  "phantoms",       "pts_conflicts",
-      "id_regressions",  "engine_errors",  "child_failures"};
+  return {"lost",           "gaps",
+          "divergent",      "duplicates_after_dedup",
+          "dedup_failures", "cursor_regressions",
+          "catchup_gaps",   "undocumented_resets",
+          "inversions",     "outside_window",
+          "phantoms",       "pts_conflicts",
+          "id_regressions", "engine_errors",
+          "child_failures"};
 }
 
 class Checker {
@@ -156,9 +158,9 @@ class Checker {
   void CheckDevice(Engine& e, ManualClock& clock, const ChildReport& r,
                    DeviceState& d, const Windows& windows);
   // One delivery to `d` (from the child or the parent's catch-up).
-  void CheckDelivered(DeviceState& d, const StreamId& stream,
-                      uint64_t position, uint64_t conv, uint64_t seq,
-                      const Windows& windows, const std::string& who);
+  void CheckDelivered(DeviceState& d, const StreamId& stream, uint64_t position,
+                      uint64_t conv, uint64_t seq, const Windows& windows,
+                      const std::string& who);
   void Reset(DeviceState& d, const StreamId& stream, uint64_t position);
   uint64_t Head(uint64_t conv) const;
 
@@ -173,7 +175,7 @@ class Checker {
   std::map<uint64_t, std::vector<uint64_t>> pts_;
   uint64_t max_id_before_ = 0;  // highest entry id of earlier cycles
   uint64_t max_id_now_ = 0;
-  uint64_t new_entries_ = 0;    // entries first seen this cycle
+  uint64_t new_entries_ = 0;  // entries first seen this cycle
   std::map<std::pair<uint64_t, uint64_t>, FreshEntry> fresh_;
   std::map<std::string, uint64_t> violations_;
   std::map<std::string, uint64_t> stats_;

@@ -197,9 +197,10 @@ class Child {
       } else if (absl::IsNotFound(head.status())) {
         std::vector<UserId> members;
         for (uint64_t u : c.core) members.push_back(UserId(u));
-        absl::Status s = engine_->CreateConversation(
-            {.id = id, .kind = c.kind, .creator = members[0],
-             .members = members});
+        absl::Status s = engine_->CreateConversation({.id = id,
+                                                      .kind = c.kind,
+                                                      .creator = members[0],
+                                                      .members = members});
         if (!s.ok()) {
           Err("create " + std::to_string(c.id), s);
           std::_Exit(4);
@@ -232,7 +233,8 @@ class Child {
       return;
     }
     AttachOptions options;
-    if (positions->empty()) options.resume_from.push_back({StreamId::User(), 0});
+    if (positions->empty())
+      options.resume_from.push_back({StreamId::User(), 0});
     const uint64_t serial =
         flags_.generation * 1000 + serials_[i].fetch_add(1) + 1;
     current_[i].store(serial);
@@ -242,9 +244,9 @@ class Child {
       Err("attach", r.status());
       return;
     }
-    const std::string who =
-        std::to_string(d.user) + " " + std::to_string(d.device) + " " +
-        std::to_string(serial);
+    const std::string who = std::to_string(d.user) + " " +
+                            std::to_string(d.device) + " " +
+                            std::to_string(serial);
     out_.Line("ATTACH " + who);
     for (const StreamPosition& p : r->reset) {
       out_.Line("RESET " + who + " " + StreamText(p.stream) + " " +
@@ -321,30 +323,40 @@ class Child {
       } else {
         members.erase(user);
       }
-      out_.Line("MEMBER " + std::to_string(c.id) + (add ? " add " : " remove ") +
-                std::to_string(user) + " " + std::to_string(r->value()));
+      out_.Line("MEMBER " + std::to_string(c.id) +
+                (add ? " add " : " remove ") + std::to_string(user) + " " +
+                std::to_string(r->value()));
     }
   }
 
   void Acker() {
     for (;;) {
-      std::map<std::pair<size_t, StreamId>, uint64_t> highest;
+      // (device, stream) -> highest position received, and by which sink.
+      std::map<std::pair<size_t, StreamId>, std::pair<uint64_t, uint64_t>>
+          highest;
       for (const AckItem& a : acks_.PopAll()) {
         // A reattached device acks what its new sink got (the engine
         // redelivers what the old one did not ack).
         if (a.serial != current_[a.device].load()) continue;
-        uint64_t& h = highest[{a.device, a.stream}];
-        h = std::max(h, a.position);
+        auto& h = highest[{a.device, a.stream}];
+        if (a.position > h.first) h = {a.position, a.serial};
       }
-      for (const auto& [key, position] : highest) {
+      for (const auto& [key, top] : highest) {
+        const auto [position, serial] = top;
         const DeviceSpec& d = devices_[key.first];
         absl::Status s = engine_->Ack(UserId(d.user), DeviceId(d.device),
                                       key.second, position);
-        const std::string what = std::to_string(d.user) + " " +
-                                 std::to_string(d.device) + " " +
-                                 StreamText(key.second) + " " +
-                                 std::to_string(position);
+        const std::string what =
+            std::to_string(d.user) + " " + std::to_string(d.device) + " " +
+            StreamText(key.second) + " " + std::to_string(position);
         if (!s.ok()) {
+          // Reattached meanwhile: the new attachment never handed out this
+          // position yet (InvalidArgument by contract); it will be
+          // redelivered and acked from the new sink.
+          if (absl::IsInvalidArgument(s) &&
+              serial != current_[key.first].load()) {
+            continue;
+          }
           Err("ack " + what, s);
           continue;
         }
@@ -378,7 +390,7 @@ class Child {
   const std::vector<ConversationSpec> convs_;
   const std::vector<DeviceSpec> devices_;
   std::vector<std::atomic<uint64_t>> serials_;
-  std::vector<std::atomic<uint64_t>> current_;  // serial of the live sink
+  std::vector<std::atomic<uint64_t>> current_;      // serial of the live sink
   std::map<uint64_t, std::set<uint64_t>> members_;  // churn thread only
   AckQueue acks_;
   std::atomic<bool> lied_send_{false};

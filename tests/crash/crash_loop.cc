@@ -31,8 +31,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -110,7 +110,8 @@ bool ParseFlags(int argc, char** argv, Flags* f) {
       f->child = v;
     } else if (const char* v = value("tolerate")) {
       std::stringstream kinds(v);
-      for (std::string k; std::getline(kinds, k, ',');) f->tolerate.push_back(k);
+      for (std::string k; std::getline(kinds, k, ',');)
+        f->tolerate.push_back(k);
     } else if (a == "--inject-lies") {
       f->inject_lies = true;
     } else if (a == "--verbose") {
@@ -134,13 +135,14 @@ constexpr bool kKillPoints = false;
 // What one cycle does, drawn from the seed.
 struct Plan {
   Durability durability;
-  int run_ms;        // from READY (or from the start, if early)
-  bool early;        // kill during recovery/set-up
+  int run_ms;              // from READY (or from the start, if early)
+  bool early;              // kill during recovery/set-up
   std::string kill_point;  // PARLEY_KILL_POINT value, empty = none
 };
 
 Plan MakePlan(const Flags& f, uint64_t seed, int cycle) {
-  std::mt19937_64 rng(seed * 0x9e3779b97f4a7c15ULL + static_cast<uint64_t>(cycle));
+  std::mt19937_64 rng(seed * 0x9e3779b97f4a7c15ULL +
+                      static_cast<uint64_t>(cycle));
   Plan p;
   if (f.mode == "both") {
     p.durability = cycle % 2 == 0 ? Durability::kSync : Durability::kBuffered;
@@ -148,15 +150,19 @@ Plan MakePlan(const Flags& f, uint64_t seed, int cycle) {
     p.durability = f.mode == "sync" ? Durability::kSync : Durability::kBuffered;
   }
   p.early = rng() % 10 == 0;
-  p.run_ms = p.early ? static_cast<int>(rng() % 150)
-                     : f.min_run_ms + static_cast<int>(rng() % static_cast<uint64_t>(
-                                          f.max_run_ms - f.min_run_ms + 1));
+  p.run_ms =
+      p.early
+          ? static_cast<int>(rng() % 150)
+          : f.min_run_ms +
+                static_cast<int>(rng() % static_cast<uint64_t>(
+                                             f.max_run_ms - f.min_run_ms + 1));
   if (kKillPoints) {
     const uint64_t which = rng() % 3;  // none, before, after the write
     // Odds 1 in 20..2000, log-uniform.
-    const int n = static_cast<int>(
-        std::lround(20 * std::pow(100.0, static_cast<double>(rng() % 1000) / 1000)));
-    if (which == 1) p.kill_point = "rocksdb.write.before:1/" + std::to_string(n);
+    const int n = static_cast<int>(std::lround(
+        20 * std::pow(100.0, static_cast<double>(rng() % 1000) / 1000)));
+    if (which == 1)
+      p.kill_point = "rocksdb.write.before:1/" + std::to_string(n);
     if (which == 2) p.kill_point = "rocksdb.write.after:1/" + std::to_string(n);
   }
   return p;
@@ -211,7 +217,8 @@ ChildOutcome RunChild(const Flags& f, const std::string& dir, const Plan& plan,
   for (char** e = environ; *e != nullptr; ++e) {
     if (std::strncmp(*e, "PARLEY_KILL_POINT=", 18) != 0) env.emplace_back(*e);
   }
-  if (!plan.kill_point.empty()) env.push_back("PARLEY_KILL_POINT=" + plan.kill_point);
+  if (!plan.kill_point.empty())
+    env.push_back("PARLEY_KILL_POINT=" + plan.kill_point);
   std::vector<char*> argv, envp;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -220,8 +227,8 @@ ChildOutcome RunChild(const Flags& f, const std::string& dir, const Plan& plan,
 
   pid_t pid = 0;
   const auto start = Clock::now();
-  const int spawned =
-      posix_spawn(&pid, f.child.c_str(), &actions, nullptr, argv.data(), envp.data());
+  const int spawned = posix_spawn(&pid, f.child.c_str(), &actions, nullptr,
+                                  argv.data(), envp.data());
   posix_spawn_file_actions_destroy(&actions);
   ::close(fds[1]);
   if (spawned != 0) {
@@ -253,7 +260,8 @@ ChildOutcome RunChild(const Flags& f, const std::string& dir, const Plan& plan,
       const auto next = std::min(deadline, give_up);
       timeout_ms = static_cast<int>(std::max<int64_t>(
           0, std::chrono::duration_cast<std::chrono::milliseconds>(next - now)
-                     .count() + 1));
+                     .count() +
+                 1));
       timeout_ms = std::min(timeout_ms, 1000);
     }
     pollfd pfd{fds[0], POLLIN, 0};
@@ -271,8 +279,9 @@ ChildOutcome RunChild(const Flags& f, const std::string& dir, const Plan& plan,
       const bool was_ready = report->ready;
       report->Parse(std::string_view(buffer).substr(begin, nl - begin));
       if (!was_ready && report->ready) {
-        out.ready_ms = std::chrono::duration<double, std::milli>(Clock::now() - start)
-                           .count();
+        out.ready_ms =
+            std::chrono::duration<double, std::milli>(Clock::now() - start)
+                .count();
         if (!plan.early) {
           deadline = Clock::now() + std::chrono::milliseconds(plan.run_ms);
         }
@@ -325,12 +334,13 @@ void RemoveOldInfoLogs(const std::string& db) {
 int Main(int argc, char** argv) {
   Flags f;
   if (!ParseFlags(argc, argv, &f)) {
-    std::fprintf(stderr,
-                 "usage: %s [--cycles=N] [--mode=both|sync|buffered] [--seed=S] "
-                 "[--min-run-ms=A] [--max-run-ms=B] [--senders=N] [--dir=DIR] "
-                 "[--keep-dir] [--full-check-every=N] [--compact-every=N] "
-                 "[--child=PATH] [--verbose] [--tolerate=kind,...] [--inject-lies]\n",
-                 argv[0]);
+    std::fprintf(
+        stderr,
+        "usage: %s [--cycles=N] [--mode=both|sync|buffered] [--seed=S] "
+        "[--min-run-ms=A] [--max-run-ms=B] [--senders=N] [--dir=DIR] "
+        "[--keep-dir] [--full-check-every=N] [--compact-every=N] "
+        "[--child=PATH] [--verbose] [--tolerate=kind,...] [--inject-lies]\n",
+        argv[0]);
     return 2;
   }
   // The parent opens the same library: it must never arm a kill point itself.
@@ -344,7 +354,8 @@ int Main(int argc, char** argv) {
   }
   bool own_dir = false;
   if (f.dir.empty()) {
-    std::string tmpl = (fs::temp_directory_path() / "parley_crash_XXXXXX").string();
+    std::string tmpl =
+        (fs::temp_directory_path() / "parley_crash_XXXXXX").string();
     if (::mkdtemp(tmpl.data()) == nullptr) {
       std::perror("mkdtemp");
       return 2;
@@ -352,13 +363,22 @@ int Main(int argc, char** argv) {
     f.dir = tmpl;
     own_dir = true;
   } else {
+    // The model starts empty: a database left from another run would look
+    // like lost deliveries and gaps.
+    std::error_code ec;
+    if (fs::exists(f.dir + "/db", ec)) {
+      std::fprintf(stderr, "%s/db exists: give an empty --dir\n",
+                   f.dir.c_str());
+      return 2;
+    }
     fs::create_directories(f.dir);
   }
   const std::string db = f.dir + "/db";
-  std::printf("crash loop: seed=%llu cycles=%d mode=%s dir=%s kill points %s\n",
-              static_cast<unsigned long long>(f.seed), f.cycles, f.mode.c_str(),
-              f.dir.c_str(),
-              kKillPoints ? "compiled in" : "not compiled (PARLEY_KILL_POINTS=OFF)");
+  std::printf(
+      "crash loop: seed=%llu cycles=%d mode=%s dir=%s kill points %s\n",
+      static_cast<unsigned long long>(f.seed), f.cycles, f.mode.c_str(),
+      f.dir.c_str(),
+      kKillPoints ? "compiled in" : "not compiled (PARLEY_KILL_POINTS=OFF)");
   std::fflush(stdout);
 
   Checker checker(f.seed, BaseOptions(Durability::kSync).max_catchup_entries);
@@ -382,8 +402,8 @@ int Main(int argc, char** argv) {
     (plan.durability == Durability::kSync ? sync_cycles : buffered_cycles)++;
     if (!plan.kill_point.empty()) ++armed;
     ChildReport report;
-    const ChildOutcome child =
-        RunChild(f, f.dir, plan, cycle, f.seed + static_cast<uint64_t>(cycle), &report);
+    const ChildOutcome child = RunChild(
+        f, f.dir, plan, cycle, f.seed + static_cast<uint64_t>(cycle), &report);
     if (child.failed) checker.Violate("child_failures", child.failure);
     if (child.kill_point) {
       ++kill_point_kills;
@@ -399,7 +419,8 @@ int Main(int argc, char** argv) {
     {
       auto opened = OpenRocksDbStorage({.path = db}, clock);
       if (!opened.ok()) {
-        checker.Violate("engine_errors", "open storage: " + opened.status().ToString());
+        checker.Violate("engine_errors",
+                        "open storage: " + opened.status().ToString());
       } else {
         storage = std::move(*opened);
       }
@@ -410,13 +431,16 @@ int Main(int argc, char** argv) {
       options.storage = storage;
       auto engine = Engine::Open(std::move(options));
       if (!engine.ok()) {
-        checker.Violate("engine_errors", "open engine: " + engine.status().ToString());
+        checker.Violate("engine_errors",
+                        "open engine: " + engine.status().ToString());
       } else {
-        const bool full = cycle == f.cycles - 1 ||
-                          (f.full_check_every > 0 && (cycle + 1) % f.full_check_every == 0);
+        const bool full =
+            cycle == f.cycles - 1 ||
+            (f.full_check_every > 0 && (cycle + 1) % f.full_check_every == 0);
         checker.CheckCycle(cycle, **engine, *clock, report, full);
         absl::Status closed = (*engine)->Close();
-        if (!closed.ok()) checker.Violate("engine_errors", "close: " + closed.ToString());
+        if (!closed.ok())
+          checker.Violate("engine_errors", "close: " + closed.ToString());
       }
       engine = absl::StatusOr<std::unique_ptr<Engine>>(nullptr);
       if (f.compact_every > 0 && (cycle + 1) % f.compact_every == 0) {
@@ -426,21 +450,38 @@ int Main(int argc, char** argv) {
         }
       }
       absl::Status closed = storage->Close();
-      if (!closed.ok()) checker.Violate("engine_errors", "close storage: " + closed.ToString());
+      if (!closed.ok())
+        checker.Violate("engine_errors", "close storage: " + closed.ToString());
     }
     RemoveOldInfoLogs(db);
 
     if (f.verbose) {
-      std::printf("cycle %d %s run=%dms%s%s ready=%.0fms: %zu sends, %zu acks, %zu "
-                  "members, %zu deliveries, %zu errors; entries %llu\n",
-                  cycle, Name(plan.durability), plan.run_ms, plan.early ? " early" : "",
-                  plan.kill_point.empty() ? "" : (" kp=" + plan.kill_point).c_str(),
-                  child.ready_ms, report.sends.size(), report.acks.size(),
-                  report.members.size(), report.deliveries.size(), report.errors.size(),
-                  static_cast<unsigned long long>(checker.entries()));
+      std::printf(
+          "cycle %d %s run=%dms%s%s ready=%.0fms: %zu sends, %zu acks, %zu "
+          "members, %zu deliveries, %zu errors; entries %llu\n",
+          cycle, Name(plan.durability), plan.run_ms, plan.early ? " early" : "",
+          plan.kill_point.empty() ? "" : (" kp=" + plan.kill_point).c_str(),
+          child.ready_ms, report.sends.size(), report.acks.size(),
+          report.members.size(), report.deliveries.size(), report.errors.size(),
+          static_cast<unsigned long long>(checker.entries()));
       for (size_t i = 0; i < report.errors.size() && i < 3; ++i) {
         std::printf("  child ERR %s\n", report.errors[i].c_str());
       }
+      std::fflush(stdout);
+    }
+    if (!f.verbose && (cycle + 1) % 50 == 0) {
+      std::printf(
+          "cycle %d/%d: %llu entries, %llu sends acked, %llu violations "
+          "(incl. tolerated), %.0fs\n",
+          cycle + 1, f.cycles,
+          static_cast<unsigned long long>(checker.entries()),
+          static_cast<unsigned long long>(checker.stats().at("sends_acked")),
+          [&] {
+            unsigned long long n = 0;
+            for (const auto& [k, v] : checker.violations()) n += v;
+            return n;
+          }(),
+          std::chrono::duration<double>(Clock::now() - loop_start).count());
       std::fflush(stdout);
     }
     if (f.inject_lies) {
@@ -457,7 +498,8 @@ int Main(int argc, char** argv) {
     }
     if (cycle + 1 == f.cycles && !checker.messages().empty()) {
       std::printf("tolerated violations (first of each kind):\n");
-      for (const std::string& m : checker.messages()) std::printf("  %s\n", m.c_str());
+      for (const std::string& m : checker.messages())
+        std::printf("  %s\n", m.c_str());
     }
   }
   const double seconds =
@@ -472,36 +514,43 @@ int Main(int argc, char** argv) {
     return it == checker.violations().end() ? 0 : it->second;
   };
   std::printf(
-      "summary: cycles=%d (sync %d, buffered %d) in %.1fs; kills: timed=%d early=%d "
+      "summary: cycles=%d (sync %d, buffered %d) in %.1fs; kills: timed=%d "
+      "early=%d "
       "kill-point=%d (armed in %d cycles)\n"
-      "  sends acked=%llu, member changes acked=%llu, acks=%llu, deliveries=%llu, "
+      "  sends acked=%llu, member changes acked=%llu, acks=%llu, "
+      "deliveries=%llu, "
       "catch-up deliveries=%llu, entries checked=%llu, retries=%llu, "
       "stored-but-unacked sends=%llu, resets=%llu, child errors=%llu\n"
       "  lost=%llu gaps=%llu divergent=%llu duplicates-after-dedup=%llu "
       "dedup-failures=%llu cursor-regressions=%llu catchup-gaps=%llu "
-      "undocumented-resets=%llu inversions=%llu outside-window=%llu phantoms=%llu "
-      "pts-conflicts=%llu id-regressions=%llu engine-errors=%llu child-failures=%llu\n",
-      cycles_run, sync_cycles, buffered_cycles, seconds, timed_kills, early_kills,
-      kill_point_kills, armed, stat("sends_acked"), stat("member_changes_acked"),
-      stat("acks"), stat("deliveries"), stat("catchup_deliveries"),
-      stat("entries_checked"), stat("retries"), stat("stored_unacked_sends"),
-      stat("resets"), stat("child_errors"), count("lost"), count("gaps"),
-      count("divergent"), count("duplicates_after_dedup"), count("dedup_failures"),
-      count("cursor_regressions"), count("catchup_gaps"), count("undocumented_resets"),
-      count("inversions"), count("outside_window"), count("phantoms"),
-      count("pts_conflicts"), count("id_regressions"), count("engine_errors"),
-      count("child_failures"));
+      "undocumented-resets=%llu inversions=%llu outside-window=%llu "
+      "phantoms=%llu "
+      "pts-conflicts=%llu id-regressions=%llu engine-errors=%llu "
+      "child-failures=%llu\n",
+      cycles_run, sync_cycles, buffered_cycles, seconds, timed_kills,
+      early_kills, kill_point_kills, armed, stat("sends_acked"),
+      stat("member_changes_acked"), stat("acks"), stat("deliveries"),
+      stat("catchup_deliveries"), stat("entries_checked"), stat("retries"),
+      stat("stored_unacked_sends"), stat("resets"), stat("child_errors"),
+      count("lost"), count("gaps"), count("divergent"),
+      count("duplicates_after_dedup"), count("dedup_failures"),
+      count("cursor_regressions"), count("catchup_gaps"),
+      count("undocumented_resets"), count("inversions"),
+      count("outside_window"), count("phantoms"), count("pts_conflicts"),
+      count("id_regressions"), count("engine_errors"), count("child_failures"));
 
   if (f.inject_lies) {
     // The child lied about one send, one seq and one ack: each must be caught.
     const bool caught = count("lost") > 0 && count("divergent") > 0 &&
                         count("cursor_regressions") > 0;
-    std::printf("%s: injected lies %s (lost=%llu divergent=%llu "
-                "cursor-regressions=%llu); seed=%llu\n",
-                caught ? "OK" : "FAILED", caught ? "caught" : "NOT caught",
-                count("lost"), count("divergent"), count("cursor_regressions"),
-                static_cast<unsigned long long>(f.seed));
-    for (const std::string& m : checker.messages()) std::printf("  %s\n", m.c_str());
+    std::printf(
+        "%s: injected lies %s (lost=%llu divergent=%llu "
+        "cursor-regressions=%llu); seed=%llu\n",
+        caught ? "OK" : "FAILED", caught ? "caught" : "NOT caught",
+        count("lost"), count("divergent"), count("cursor_regressions"),
+        static_cast<unsigned long long>(f.seed));
+    for (const std::string& m : checker.messages())
+      std::printf("  %s\n", m.c_str());
     if (own_dir && !f.keep_dir) {
       std::error_code ec;
       fs::remove_all(f.dir, ec);
@@ -510,16 +559,19 @@ int Main(int argc, char** argv) {
   }
   // A loop that acknowledged nothing proved nothing.
   if (failed_cycle < 0 && (stat("sends_acked") == 0 || stat("acks") == 0)) {
-    checker.Violate("child_failures", "no send or no ack was acknowledged in any cycle");
+    checker.Violate("child_failures",
+                    "no send or no ack was acknowledged in any cycle");
     failed_cycle = f.cycles - 1;
   }
   if (failed_cycle >= 0) {
-    std::printf("FAILED: seed=%llu cycle=%d (replay the plan: --seed=%llu --cycles=%d "
-                "--mode=%s); directory kept: %s\n",
-                static_cast<unsigned long long>(f.seed), failed_cycle,
-                static_cast<unsigned long long>(f.seed), failed_cycle + 1,
-                f.mode.c_str(), f.dir.c_str());
-    for (const std::string& m : checker.messages()) std::printf("  %s\n", m.c_str());
+    std::printf(
+        "FAILED: seed=%llu cycle=%d (replay the plan: --seed=%llu --cycles=%d "
+        "--mode=%s); directory kept: %s\n",
+        static_cast<unsigned long long>(f.seed), failed_cycle,
+        static_cast<unsigned long long>(f.seed), failed_cycle + 1,
+        f.mode.c_str(), f.dir.c_str());
+    for (const std::string& m : checker.messages())
+      std::printf("  %s\n", m.c_str());
     return 1;
   }
   std::printf("OK: lost=0 gaps=0 divergent=0 duplicates-after-dedup=0\n");

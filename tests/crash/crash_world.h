@@ -56,11 +56,11 @@ inline std::vector<ConversationSpec> Conversations() {
   return {
       {1, K::kDirect, {1, 2}, {}},
       {2, K::kDirect, {3, 1}, {}},
-      {3, K::kGroup, {1, 2}, {5, 6, 7}},        // 2..5 members: switches
-      {4, K::kGroup, {1, 2, 3, 4}, {5, 8}},     // 4..6: read fan-out
-      {5, K::kGroup, {2, 3}, {6, 8}},           // 2..4: switches
+      {3, K::kGroup, {1, 2}, {5, 6, 7}},     // 2..5 members: switches
+      {4, K::kGroup, {1, 2, 3, 4}, {5, 8}},  // 4..6: read fan-out
+      {5, K::kGroup, {2, 3}, {6, 8}},        // 2..4: switches
       {6, K::kGroup, {1, 2, 3, 4, 9, 10, 11, 12}, {}},  // read, no churn
-      {7, K::kGroup, {4, 1}, {}},               // write, no churn
+      {7, K::kGroup, {4, 1}, {}},                       // write, no churn
   };
 }
 
@@ -92,8 +92,8 @@ inline Options BaseOptions(Durability durability) {
 // (child generation, thread, counter); packed into 64 bits by CidKey.
 inline std::string MakeCid(uint64_t generation, uint64_t thread,
                            uint64_t counter) {
-  return "g" + std::to_string(generation) + "t" + std::to_string(thread) +
-         "n" + std::to_string(counter);
+  return "g" + std::to_string(generation) + "t" + std::to_string(thread) + "n" +
+         std::to_string(counter);
 }
 
 // 24 bits of generation, 8 of thread, 32 of counter; nullopt if `cid` is not
@@ -127,8 +127,8 @@ inline std::optional<uint64_t> CidKey(std::string_view cid) {
 inline std::string Payload(uint64_t conversation, std::string_view cid) {
   uint64_t h = 1469598103934665603ULL ^ conversation;
   for (char c : cid) h = (h ^ static_cast<unsigned char>(c)) * 1099511628211ULL;
-  std::string p = "m|" + std::to_string(conversation) + "|" + std::string(cid) +
-                  "|";
+  std::string p =
+      "m|" + std::to_string(conversation) + "|" + std::string(cid) + "|";
   const size_t fill = 16 + h % 256;
   for (size_t i = 0; i < fill; ++i) {
     p.push_back(static_cast<char>('a' + (h >> (i % 48)) % 26));
@@ -140,7 +140,9 @@ inline std::string Payload(uint64_t conversation, std::string_view cid) {
 // std::shared_ptr<const LogEntry>; this is the one place to change then.
 inline const LogEntry& EntryOf(const Delivery& d) { return d.entry; }
 
-inline char KindChar(StreamKind k) { return k == StreamKind::kUser ? 'U' : 'C'; }
+inline char KindChar(StreamKind k) {
+  return k == StreamKind::kUser ? 'U' : 'C';
+}
 
 inline StreamId MakeStream(char kind, uint64_t conversation) {
   return kind == 'U' ? StreamId::User()

@@ -50,6 +50,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -70,7 +71,12 @@ using std::chrono::seconds;
 // Options small enough that every limit is reachable in a few operations.
 constexpr size_t kUsers = 6;            // users 1..6
 constexpr size_t kDevices = 3;          // devices 1..3
-constexpr size_t kConversations = 4;    // conversations 1..4
+// Conversation ids: 1 and 22 share a shard of the engine's state cache, so
+// do 2 and 23; with max_cached_conversations = 2 states are evicted and
+// reloaded all the time. 3 is a third shard (see "cache-bound").
+constexpr uint64_t kConversationIds[] = {1, 2, 3, 22, 23};
+constexpr size_t kConversations = std::size(kConversationIds);
+constexpr size_t kMaxCachedConversations = 2;
 constexpr size_t kMaxMembers = 4;
 constexpr size_t kFanoutThreshold = 2;  // groups of 3+ fan out on read
 constexpr size_t kMaxPayload = 16;
@@ -108,6 +114,13 @@ bool Tracing() {
 //   huge-retention  a retention whose microseconds overflow int64
 //                   (CreateConversation/SetRetention accept it; the expiry
 //                   computation then overflows: undefined behaviour)
+//   authorizer-first  the SendAuthorizer runs before the membership check
+//                   (issue 6, defect 10): a denying authorizer is only
+//                   used on sends that pass every other check
+//   cache-bound     max_cached_conversations is not a bound (issue 6,
+//                   defect 11): conversations 0 and 3 take cache shards of
+//                   their own. The one exception to "checks unchanged": the
+//                   bound is not checked (the ids stay, for their coverage)
 bool Avoid(std::string_view bug) {
   static const std::string list = [] {
     const char* v = std::getenv("PARLEY_FUZZ_AVOID");
@@ -266,9 +279,10 @@ DeviceId Device(FuzzInput& in) {
 DeviceId NonzeroDevice(FuzzInput& in) {
   return DeviceId(1 + in.Byte() % kDevices);
 }
+ConversationId ConvAt(size_t i) { return ConversationId(kConversationIds[i]); }
 ConversationId Conv(FuzzInput& in) {
   const uint8_t b = in.Byte();
-  return b == 0xff ? ConversationId() : ConversationId(1 + b % kConversations);
+  return b == 0xff ? ConversationId() : ConvAt(b % kConversations);
 }
 
 constexpr std::string_view kClientIds[] = {"a", "b", "c", "d", "",
@@ -294,6 +308,25 @@ constexpr int64_t kAdvancesMicros[] = {1'000 + 1,          1'000'000 + 1,
                                        60'000'000 + 1,     3'600'000'000 + 1,
                                        86'400'000'000 + 1, 3 * 86'400'000'000 + 1};
 
+// ---- The authorizer -------------------------------------------------------
+
+// Denies the sends of the users the program chose, and counts its calls.
+class FuzzAuthorizer final : public SendAuthorizer {
+ public:
+  absl::Status Authorize(const SendRequest& request) override {
+    ++calls;
+    if (deny) return absl::ResourceExhaustedError("fuzz authorizer says no");
+    return absl::OkStatus();
+  }
+  bool deny = false;
+  int calls = 0;
+};
+
+// Send counters the model keeps (EngineStats, since Open()).
+struct SendCounts {
+  uint64_t ok = 0, duplicate = 0, rejected = 0, failed = 0;
+};
+
 // ---- The harness ----------------------------------------------------------
 
 class Harness {
@@ -301,8 +334,12 @@ class Harness {
   explicit Harness(Durability durability)
       : clock_(std::make_shared<ManualClock>()),
         storage_(NewMemoryStorage(clock_)),
+        authorizer_(std::make_shared<FuzzAuthorizer>()),
         durability_(durability) {
     options_.storage = storage_;
+    options_.authorizer = authorizer_;
+    options_.max_cached_conversations = kMaxCachedConversations;
+    options_.max_cached_user_streams = 2;
     options_.clock = clock_;
     options_.node_id = 1;
     options_.durability = durability;
@@ -329,7 +366,7 @@ class Harness {
       op_ = n;
       const uint8_t byte = in.Byte();
       const bool fail_write = (byte & 0x80) != 0;
-      switch ((byte & 0x7f) % 19) {
+      switch ((byte & 0x7f) % 20) {
         case 0: CreateConversation(in, fail_write); break;
         case 1: ChangeMember(in, /*add=*/true, fail_write); break;
         case 2: ChangeMember(in, /*add=*/false, fail_write); break;
@@ -347,9 +384,11 @@ class Harness {
         case 14: SetRetention(in, fail_write); break;
         case 15: Advance(in); break;
         case 16: Restart(in.Bit()); break;
-        case 17: PowerLoss(); break;
+        case 17: PowerLoss(in.Bit()); break;
         case 18: Reclaim(); break;
+        case 19: ToggleDenied(in); break;
       }
+      CheckCache();
     }
     AuditAll();
   }
@@ -362,6 +401,40 @@ class Harness {
     FUZZ_CHECK(e.ok(), "op %zu: Engine::Open: %s", op_,
                e.status().ToString().c_str());
     engine_ = std::move(*e);
+    counts_ = SendCounts();
+    synced_ = model_;  // Close() synced everything before this Open
+  }
+
+  void ToggleDenied(FuzzInput& in) {
+    const UserId u = NonzeroUser(in);
+    if (!denied_.erase(u)) denied_.insert(u);
+    TRACE("#%zu authorizer %s user %llu", op_,
+          denied_.count(u) ? "denies" : "allows", (unsigned long long)u.value());
+  }
+
+  // Options::max_cached_conversations bounds the cached states, and the
+  // send counters are the model's.
+  void CheckCache() {
+    const EngineStats st = engine_->GetStats();
+    FUZZ_CHECK(st.cached_conversations <= kMaxCachedConversations ||
+                   Avoid("cache-bound"),
+               "op %zu: %llu conversations cached, max_cached_conversations is "
+               "%zu",
+               op_, (unsigned long long)st.cached_conversations,
+               kMaxCachedConversations);
+    FUZZ_CHECK(st.sends_ok == counts_.ok && st.sends_duplicate == counts_.duplicate &&
+                   st.sends_rejected == counts_.rejected &&
+                   st.sends_failed == counts_.failed,
+               "op %zu: send counters ok/dup/rejected/failed %llu/%llu/%llu/%llu, "
+               "model %llu/%llu/%llu/%llu",
+               op_, (unsigned long long)st.sends_ok,
+               (unsigned long long)st.sends_duplicate,
+               (unsigned long long)st.sends_rejected,
+               (unsigned long long)st.sends_failed,
+               (unsigned long long)counts_.ok,
+               (unsigned long long)counts_.duplicate,
+               (unsigned long long)counts_.rejected,
+               (unsigned long long)counts_.failed);
   }
 
   void Restart(bool probe_closed) {
@@ -395,21 +468,23 @@ class Harness {
                again.ToString().c_str());
   }
 
-  // Nothing acknowledged may be lost: in kSync every write was synced; in
-  // kBuffered, Close() made the buffered writes durable.
-  void PowerLoss() {
-    TRACE("#%zu PowerLoss (%s)", op_,
-          durability_ == Durability::kSync ? "sync" : "buffered, after Close");
-    if (durability_ == Durability::kSync) {
-      storage_->DropUnsyncedWrites();
-      absl::Status s = engine_->Close();
-      FUZZ_CHECK(s.ok(), "op %zu: Close: %s", op_, s.ToString().c_str());
-    } else {
-      absl::Status s = engine_->Close();
-      FUZZ_CHECK(s.ok(), "op %zu: Close: %s", op_, s.ToString().c_str());
-      storage_->DropUnsyncedWrites();
-    }
+  // A power loss: memory storage forgets every write not followed by a sync.
+  // kSync: every acknowledged write was synced, nothing is lost. kBuffered
+  // after Close(): Close made the buffered writes durable, nothing is lost.
+  // kBuffered with the engine running: nothing was synced since the last
+  // Close (kBuffered never fsyncs), so the engine must come back exactly as
+  // it was then, a suffix of everything lost and nothing else: no hole.
+  void PowerLoss(bool while_open) {
+    const bool lose = durability_ == Durability::kBuffered && while_open;
+    TRACE("#%zu PowerLoss (%s%s)", op_,
+          durability_ == Durability::kSync ? "sync" : "buffered",
+          while_open ? ", engine running" : ", after Close");
+    if (while_open) storage_->DropUnsyncedWrites();
+    absl::Status s = engine_->Close();
+    FUZZ_CHECK(s.ok(), "op %zu: Close: %s", op_, s.ToString().c_str());
+    if (!while_open) storage_->DropUnsyncedWrites();
     engine_.reset();
+    if (lose) model_ = synced_;
     Open();
     AuditAll();
   }
@@ -754,7 +829,7 @@ class Harness {
       switch (change % 4) {
         case 0: r.payload += "!"; break;
         case 1:
-          r.conv = ConversationId(1 + r.conv.value() % kConversations);
+          r.conv = ConvAt((change / 4) % kConversations);
           break;
         case 2: r.metadata.content_type = r.metadata.content_type == "t" ? "u" : "t"; break;
         case 3: r.metadata.reply_to = MessageId(r.metadata.reply_to.value() + 1); break;
@@ -776,6 +851,11 @@ class Harness {
     MConv* conv = Find(r.conv);
     Expect e;
     bool duplicate = false;
+    // The authorizer runs after validation and the membership check, and not
+    // for a retry answered from the dedup record (hooks.h).
+    const bool may_authorize = !same_content && Valid(r) && conv != nullptr &&
+                               conv->IsMember(r.sender);
+    bool deny = denied_.count(r.sender) > 0;
     if (same_content) {
       duplicate = true;  // the original, even if the sender left since
     } else {
@@ -786,17 +866,45 @@ class Harness {
       } else if (!conv->IsMember(r.sender)) {
         e.Error(absl::StatusCode::kPermissionDenied);
       }
+      if (!may_authorize && Avoid("authorizer-first")) deny = false;
+      if (deny && may_authorize) {
+        // Only a dedup conflict is not ordered against the authorizer.
+        e.Error(absl::StatusCode::kResourceExhausted);
+      }
     }
     const bool writes = !e.rejected() && !duplicate;
     if (writes && fail) e = Expect{false, {absl::StatusCode::kUnavailable}};
-    const std::string what =
-        "Send(" + r.Describe() + (fail ? " FAILWRITE" : "") + ")";
+    const std::string what = "Send(" + r.Describe() + (deny ? " DENIED" : "") +
+                             (fail ? " FAILWRITE" : "") + ")";
     absl::StatusOr<SendResult> res;
+    authorizer_->deny = deny;
+    authorizer_->calls = 0;
     {
       FailWrites f(*storage_, fail);
       res = engine_->Send(r.View());
     }
-    if (!Check(res.status(), e, what)) {
+    authorizer_->deny = false;
+    if (res.ok()) {
+      ++(res->duplicate ? counts_.duplicate : counts_.ok);
+    } else if (absl::IsUnavailable(res.status()) ||
+               absl::IsDataLoss(res.status())) {
+      ++counts_.failed;
+    } else {
+      ++counts_.rejected;
+    }
+    const bool ok = Check(res.status(), e, what);
+    if (!may_authorize && !Avoid("authorizer-first")) {
+      FUZZ_CHECK(authorizer_->calls == 0,
+                 "op %zu: %s: the authorizer was called for a send that is "
+                 "invalid, from a non-member or answered from dedup",
+                 op_, what.c_str());
+    }
+    if (may_authorize && original == nullptr) {
+      FUZZ_CHECK(authorizer_->calls == 1,
+                 "op %zu: %s: the authorizer was called %d times", op_,
+                 what.c_str(), authorizer_->calls);
+    }
+    if (!ok) {
       if (r.conv.valid()) AuditConversation(r.conv);
       return;
     }
@@ -1155,8 +1263,8 @@ class Harness {
   // Everything the model knows, through every read the API has.
   void AuditAll() {
     TRACE("#%zu audit", op_);
-    for (uint64_t cv = 1; cv <= kConversations; ++cv) {
-      const ConversationId c(cv);
+    for (size_t ci = 0; ci < kConversations; ++ci) {
+      const ConversationId c = ConvAt(ci);
       CheckFanoutMode(c);
       const MConv* conv = Find(c);
       bool outsider_seen = false;
@@ -1181,17 +1289,32 @@ class Harness {
 
   std::shared_ptr<ManualClock> clock_;
   std::shared_ptr<MemoryStorage> storage_;
+  std::shared_ptr<FuzzAuthorizer> authorizer_;
   Durability durability_;
+  std::set<UserId> denied_;
+  SendCounts counts_;
   Options options_;
   std::unique_ptr<Engine> engine_;
   size_t op_ = 0;
 
-  std::map<ConversationId, MConv> convs_;
-  std::map<DedupKey, MDedup> dedup_;
-  std::map<std::pair<UserId, ConversationId>, uint64_t> read_;
-  std::map<uint64_t, MessageId> ids_by_order_;
-  std::map<MessageId, std::pair<ConversationId, uint64_t>> by_id_;
-  uint64_t next_order_ = 0;
+  // The model: what the engine must hold now, and what it held at the last
+  // sync point (restored by a kBuffered power loss).
+  struct Model {
+    std::map<ConversationId, MConv> convs;
+    std::map<DedupKey, MDedup> dedup;
+    std::map<std::pair<UserId, ConversationId>, uint64_t> read;
+    std::map<uint64_t, MessageId> ids_by_order;
+    std::map<MessageId, std::pair<ConversationId, uint64_t>> by_id;
+    uint64_t next_order = 0;
+  };
+  Model model_, synced_;
+  std::map<ConversationId, MConv>& convs_ = model_.convs;
+  std::map<DedupKey, MDedup>& dedup_ = model_.dedup;
+  std::map<std::pair<UserId, ConversationId>, uint64_t>& read_ = model_.read;
+  std::map<uint64_t, MessageId>& ids_by_order_ = model_.ids_by_order;
+  std::map<MessageId, std::pair<ConversationId, uint64_t>>& by_id_ =
+      model_.by_id;
+  uint64_t& next_order_ = model_.next_order;
   std::vector<Req> sent_;
 };
 

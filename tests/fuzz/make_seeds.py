@@ -23,6 +23,14 @@ def write(target, name, data):
         f.write(bytes(data))
 
 
+def write_repro(target, bug, data):
+    """A reproducer of a known engine bug (see known_engine_bugs.txt)."""
+    d = os.path.join(HERE, "repro")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, target + "-" + bug), "wb") as f:
+        f.write(bytes(data))
+
+
 # ---- protobuf wire format, for the codec seeds ---------------------------
 
 def varint(v):
@@ -125,8 +133,11 @@ def u(x):  # user 1..6
     return x - 1
 
 
-def c(x):  # conversation 1..4
-    return x - 1
+CONVERSATIONS = [1, 2, 3, 22, 23]  # kConversationIds
+
+
+def c(x):  # conversation id -> its byte
+    return CONVERSATIONS.index(x)
 
 
 def dv(x):  # device 1..3
@@ -210,12 +221,18 @@ def restart(probe=False):
     return bytes([16, 1 if probe else 0])
 
 
-def power_loss():
-    return bytes([17])
+def power_loss(while_open):
+    """Unsynced writes are dropped with the engine running, or after Close."""
+    return bytes([17, 1 if while_open else 0])
 
 
 def reclaim():
     return bytes([18])
+
+
+def toggle_denied(user):
+    """The authorizer starts (or stops) denying this user's sends."""
+    return bytes([19, user])
 
 
 def program(sync, *ops):
@@ -295,15 +312,23 @@ def ops_seeds():
         create(c1, a, [b_, cc]),
         send(a, p1, c1, "a"), send(b_, p1, c1, "a"),
         mark_read(cc, p1, c1, 3),
-        power_loss(),
+        power_loss(while_open=True),
         retry(0, same=True), retry(1, same=True), read_state(cc, c1),
         read(cc, c1, limit=6)))
     write(t, "power-loss-buffered", program(
         False,
         create(c1, a, [b_]),
         send(a, p1, c1, "a"), add(c1, a, cc), mark_read(b_, p1, c1, 2),
-        power_loss(),
+        power_loss(while_open=False),
         retry(0, same=True), read(cc, c1), read_state(b_, c1)))
+    write(t, "power-loss-buffered-running", program(
+        False,
+        create(c1, a, [b_]), send(a, p1, c1, "a"), restart(),
+        send(a, p1, c1, "b"), add(c1, a, cc), mark_read(b_, p1, c1, 2),
+        create(c2, a, [cc]),
+        power_loss(while_open=True),
+        retry(0, same=True), retry(1, same=True), read(cc, c1), read(a, c1),
+        read_state(b_, c1), send(a, p1, c1, "c"), read(a, c1, limit=6)))
     write(t, "bad-requests", program(
         False,
         create(ZERO, a, [b_]), create(c1, ZERO, [b_]), create(c1, a, [ZERO]),
@@ -325,6 +350,32 @@ def ops_seeds():
         mark_read(a, p1, c1, 0), mark_read(a, p1, c1, 9), mark_read(u(6), p1, c1, 1),
         set_retention(c2, 60), set_retention(c1, -1),
         head(u(6), c1), head(a, c2), read_state(u(6), c1), members(c2, a)))
+    c22, c23 = c(22), c(23)
+    write(t, "evictions", program(
+        False,
+        create(c1, a, [b_]), create(c22, a, [cc]), create(c2, b_, [d]),
+        create(c23, cc, [d]),
+        send(a, p1, c1, "a"), send(a, p1, c22, "b"), send(b_, p1, c2, "a"),
+        send(d, p1, c23, "a"), add(c1, a, d), send(cc, p1, c22, "c"),
+        read(b_, c1), read(cc, c22), mark_read(d, p1, c1, 4), read_state(d, c1),
+        restart(), send(a, p1, c22, "b"), read(d, c23)))
+    write(t, "authorizer", program(
+        False,
+        create(c1, a, [b_]),
+        toggle_denied(b_),
+        send(b_, p1, c1, "a"), send(a, p1, c1, "a"),
+        send(b_, p1, c1, "a", "y"),
+        toggle_denied(a), retry(1, same=True), send(a, p1, c1, "b"),
+        toggle_denied(a), toggle_denied(b_), retry(0, same=True),
+        read(a, c1, limit=6)))
+
+    # Reproducers of the open engine bugs (known_engine_bugs.txt).
+    write_repro(t, "huge-retention", program(
+        False, create(c1, a, [b_], retention="huge")))
+    write_repro(t, "authorizer-first", program(
+        False, create(c1, a, [b_]), toggle_denied(cc), send(cc, p1, c1, "a")))
+    write_repro(t, "cache-bound", program(
+        False, create(c1, a, [b_]), create(c2, a, [b_]), create(c(3), a, [b_])))
 
 
 def main():

@@ -450,8 +450,26 @@ absl::Status DeliveryManager::FetchUser(Device& d, uint64_t from) {
   auto it = storage_->NewIterator(Space::kUserStream,
                                   keys::UserStreamKey(d.user, from),
                                   keys::UserStreamKey(d.user, to + 1));
+  // Placeholders mean "nothing to deliver there"; they stand only if the
+  // whole read succeeds (a failed read must not make positions look empty).
+  std::vector<uint64_t> placed;
+  for (uint64_t p = from; p <= to; ++p) {
+    if (us.early.try_emplace(p, Pending{}).second) placed.push_back(p);
+  }
+  absl::Status status = ReadUserRange(d, it.get(), from);
+  if (!status.ok()) {
+    for (uint64_t p : placed) {
+      auto e = us.early.find(p);
+      if (e != us.early.end() && e->second.entry == nullptr) us.early.erase(e);
+    }
+  }
+  return status;
+}
+
+absl::Status DeliveryManager::ReadUserRange(Device& d, StorageIterator* it,
+                                            uint64_t from) {
+  Stream& us = d.user_stream;
   const int64_t now = Micros(clock_->Now());
-  for (uint64_t p = from; p <= to; ++p) us.early.try_emplace(p, Pending{});
   for (it->Seek(keys::UserStreamKey(d.user, from)); it->Valid(); it->Next()) {
     const uint64_t pts = keys::PtsOfUserStreamKey(it->key());
     if (IsExpired(it->value(), now)) continue;
@@ -476,20 +494,33 @@ absl::Status DeliveryManager::FetchConversation(Device& d, Stream& s,
   const ConversationId c = s.id.conversation;
   const uint64_t span = std::max<size_t>(d.window, 16);
   if (to - from >= span) to = from + span - 1;
-  for (uint64_t p = from; p <= to; ++p) s.early.try_emplace(p, Pending{});
+  std::vector<uint64_t> placed;
+  for (uint64_t p = from; p <= to; ++p) {
+    if (s.early.try_emplace(p, Pending{}).second) placed.push_back(p);
+  }
   auto it = storage_->NewIterator(Space::kLog, keys::LogKey(c, Seq(from)),
                                   keys::LogKey(c, Seq(to + 1)));
   const int64_t now = Micros(clock_->Now());
+  absl::Status status;
   for (it->Seek(keys::LogKey(c, Seq(from))); it->Valid(); it->Next()) {
     if (IsExpired(it->value(), now)) continue;
     auto entry = std::make_shared<LogEntry>();
     entry->conversation = c;
     entry->seq = keys::SeqOfLogKey(it->key());
-    PARLEY_RETURN_IF_ERROR(DecodeLogValue(it->value(), entry.get()));
+    status = DecodeLogValue(it->value(), entry.get());
+    if (!status.ok()) break;
     const uint64_t seq = entry->seq.value();
     s.early[seq] = Pending{std::move(entry), ExpiryOf(it->value())};
   }
-  return it->status();
+  if (status.ok()) status = it->status();
+  if (!status.ok()) {
+    // As in FetchUser: no placeholder survives a failed read.
+    for (uint64_t p : placed) {
+      auto e = s.early.find(p);
+      if (e != s.early.end() && e->second.entry == nullptr) s.early.erase(e);
+    }
+  }
+  return status;
 }
 
 void DeliveryManager::Send(Device& d, Stream& s, uint64_t position,

@@ -193,6 +193,8 @@ class DeliveryManager {
   // Reads entries from storage into s.early, starting at `from`.
   absl::Status FetchUser(Device& d, uint64_t from)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
+  absl::Status ReadUserRange(Device& d, StorageIterator* it, uint64_t from)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
   absl::Status FetchConversation(Device& d, Stream& s, uint64_t from,
                                  uint64_t to)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);

@@ -53,7 +53,7 @@ std::optional<uint64_t> StoredPosition(Engine& e, UserId u, DeviceId d,
 
 TEST_CASE(
     "an offline device catching up while messages keep arriving gets every "
-    "entry once, in seq order",
+    "entry once in seq order",
     "[delivery][catchup]") {
   // Both fan-out modes on memory, one on RocksDB (keeps the suite fast).
   const auto params = GENERATE(table<std::string, size_t>(
@@ -135,7 +135,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "a device that never acks holds at most max_in_flight entries; senders "
+    "a device that never acks holds at most max_in_flight entries and senders "
     "and the user's other devices are not held back",
     "[delivery][window]") {
   // Both fan-out modes on memory, one on RocksDB (keeps the suite fast).
@@ -603,7 +603,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "with concurrent senders every device gets each entry once, in seq order",
+    "with concurrent senders every device gets each entry once in seq order",
     "[delivery][concurrency]") {
   // Both fan-out modes on memory, one on RocksDB (keeps the suite fast).
   const auto params = GENERATE(table<std::string, size_t>(

@@ -34,7 +34,7 @@ const ConversationId kRoom{100};
 
 TEST_CASE(
     "a fan-out switch in the middle of a stream delivers every visible entry "
-    "once, in seq order, to online and offline devices",
+    "once in seq order to online and offline devices",
     "[delivery][fanout]") {
   // A small window keeps most of a slow device's backlog in storage, split
   // over the user stream and the conversation stream. Optionally restart
@@ -314,7 +314,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "a device the engine has never seen starts at the current heads, in both "
+    "a device the engine has never seen starts at the current heads in both "
     "fan-out modes and after switches",
     "[delivery][fanout]") {
   TestEnv env(GENERATE(as<std::string>{}, "memory", "rocksdb"));

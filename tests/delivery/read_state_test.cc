@@ -49,8 +49,8 @@ std::vector<DeviceReceipt> Receipts(Engine& e, UserId reader, uint64_t seq) {
 }
 
 TEST_CASE(
-    "read positions are per user, monotonic, count own sends as read and are "
-    "announced to the user's other devices and, as receipts, to other members",
+    "read positions are per user monotonic count own sends as read and are "
+    "announced to the user's other devices and as receipts to other members",
     "[delivery][read]") {
   TestEnv env(GENERATE(as<std::string>{}, "memory", "rocksdb"));
   auto e = env.OpenEngine();

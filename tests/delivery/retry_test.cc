@@ -31,7 +31,7 @@ const DeviceId kPhone{10};
 const ConversationId kRoom{100};
 
 TEST_CASE(
-    "an unacked delivery is retried with doubling, capped backoff "
+    "an unacked delivery is retried with doubling capped backoff "
     "until it is acked",
     "[delivery][retry]") {
   // Both fan-out modes on memory; RocksDB in one (timers and fan-out do not

@@ -173,7 +173,7 @@ TEST_CASE("sends to different conversations are sequenced independently",
   }
 }
 
-TEST_CASE("a retried send returns the original result, also after a restart",
+TEST_CASE("a retried send returns the original result also after a restart",
           "[send][dedup]") {
   TestEnv env(GENERATE(as<std::string>{}, "memory", "rocksdb"));
   SendResult first;
@@ -414,7 +414,7 @@ TEST_CASE("acknowledged sends survive a power loss in kSync mode",
   CHECK(ReadAll(*e, kAlice, kRoom).size() == 11);
 }
 
-TEST_CASE("kBuffered may lose an unsynced suffix on power loss, never a hole",
+TEST_CASE("kBuffered may lose an unsynced suffix on power loss never a hole",
           "[send][durability]") {
   TestEnv env("memory");
   {

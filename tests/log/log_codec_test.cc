@@ -71,7 +71,7 @@ TEST_CASE("the decoder skips fields it does not know", "[log][codec]") {
   CHECK(out.payload == "hello");
 }
 
-TEST_CASE("a corrupt log record is DataLoss, never a crash", "[log][codec]") {
+TEST_CASE("a corrupt log record is DataLoss never a crash", "[log][codec]") {
   LogEntry in;
   in.kind = EntryKind::kMessage;
   in.payload = std::string(100, 'p');

@@ -245,7 +245,8 @@ class Workload {
 
   std::mutex view_mu_;
   std::map<uint64_t, ConvView> views_;
-  uint64_t next_conv_ = 1;  // churner only (and setup)
+  // Written by the churner (and setup), read by the clock thread too.
+  std::atomic<uint64_t> next_conv_{1};
 
   std::mutex sends_mu_;
   std::optional<SendArgs> in_progress_[3];  // per sender thread (1, 2)
@@ -966,7 +967,8 @@ void Workload::ClockOp(Rng& rng) {
   if (r < 75) return DoPositions(rng.R(devices_.size()));
   if (r < 85) {
     const uint64_t user = 1 + rng.R(kUsers);
-    const uint64_t conv = 1 + rng.R(next_conv_ > 1 ? next_conv_ - 1 : 1);
+    const uint64_t known = next_conv_.load();
+    const uint64_t conv = 1 + rng.R(known > 1 ? known - 1 : 1);
     return DoReadState(user, conv);
   }
   AdvanceAndFire(std::chrono::milliseconds(rng.R(200)));

@@ -15,6 +15,9 @@ namespace parley {
 namespace {
 
 constexpr char kClosedMessage[] = "engine is closed";
+// Longest retention accepted: expiry is microseconds in an int64, which a
+// larger value would overflow (found by the engine-ops fuzzer).
+constexpr std::chrono::seconds kMaxRetention{1000LL * 365 * 24 * 3600};
 
 int64_t NowMicros(const Clock& clock) { return ToMicros(clock.Now()); }
 
@@ -534,7 +537,9 @@ absl::Status EngineImpl::CreateConversation(
   PARLEY_RETURN_IF_ERROR(guard.status());
   if (!q.id.valid()) return Invalid("conversation id must be nonzero");
   if (!q.creator.valid()) return Invalid("creator must be nonzero");
-  if (q.retention.count() < 0) return Invalid("retention must be >= 0");
+  if (q.retention.count() < 0 || q.retention > kMaxRetention) {
+    return Invalid("retention must be in [0, 1000 years]");
+  }
   std::vector<UserId> members = q.members;
   members.push_back(q.creator);
   std::sort(members.begin(), members.end());
@@ -1450,7 +1455,9 @@ absl::Status EngineImpl::SetRetention(ConversationId c,
                                       std::chrono::seconds max_age) {
   OpGuard guard(this);
   PARLEY_RETURN_IF_ERROR(guard.status());
-  if (max_age.count() < 0) return Invalid("max_age must be >= 0");
+  if (max_age.count() < 0 || max_age > kMaxRetention) {
+    return Invalid("max_age must be in [0, 1000 years]");
+  }
   auto st = cache_.Acquire(c);
   st->mu.Lock();
   if (absl::Status s = LoadExistingLocked(*st); !s.ok()) {

@@ -42,6 +42,10 @@ TEST_CASE("conversation creation is validated and unique", "[conversation]") {
        .members = {kBob, kCarol}})));  // creator makes three
   CHECK(absl::IsInvalidArgument(e->CreateConversation(
       {.id = ConversationId(), .creator = kAlice})));
+  // A retention whose expiry would overflow is refused (fuzzer finding).
+  CHECK(absl::IsInvalidArgument(e->CreateConversation(
+      {.id = kRoom, .creator = kAlice,
+       .retention = std::chrono::seconds(10'000'000'000'000LL)})));
   CHECK(absl::IsInvalidArgument(e->CreateConversation(
       {.id = kRoom, .creator = kAlice, .members = {UserId()}})));
   REQUIRE(e->CreateConversation({.id = kDm, .kind = ConversationKind::kDirect,

@@ -18,6 +18,7 @@
 #include "common/mutex.h"
 #include "common/check.h"
 #include "common/coding.h"
+#include "common/kill_point.h"
 #include "parley/clock.h"
 #include "parley/storage.h"
 #include "rocksdb/cache.h"
@@ -239,6 +240,8 @@ class RocksDbStorage final : public Storage {
     if (!status.ok()) return status;
     rocksdb::WriteOptions write_options;
     write_options.sync = options.sync;
+    PARLEY_KILL_POINT("rocksdb.write.before");
+    PARLEY_KILL_POINT_ON_RETURN("rocksdb.write.after");  // once Write returned
     return FromRocks(db_->db->Write(write_options, translator.batch()),
                      "Write");
   }

@@ -43,7 +43,7 @@ namespace {
 // ---- The reference parser: a validating decoder per space. ------------
 
 enum class Kind {
-  kConversationMeta, kHead,                      // kMeta
+  kConversationMeta, kHead, kPtsLimit,           // kMeta
   kLog,                                          // kLog
   kMember,                                       // kMembers
   kDedup,                                        // kDedup
@@ -71,6 +71,7 @@ std::optional<Parsed> ParseKey(Space space, std::string_view k) {
       if (k.size() != 9) return std::nullopt;
       if (k[0] == 'c') return Parsed{Kind::kConversationMeta, At(k, 1)};
       if (k[0] == 'h') return Parsed{Kind::kHead, At(k, 1)};
+      if (k[0] == 'p') return Parsed{Kind::kPtsLimit, At(k, 1)};
       return std::nullopt;
     case Space::kLog:
       if (k.size() != 16) return std::nullopt;
@@ -129,6 +130,7 @@ std::string Build(const Parsed& p) {
   switch (p.kind) {
     case Kind::kConversationMeta: return keys::ConversationMetaKey(ConversationId(p.a));
     case Kind::kHead: return keys::HeadKey(ConversationId(p.a));
+    case Kind::kPtsLimit: return keys::PtsLimitKey(UserId(p.a));
     case Kind::kLog: return keys::LogKey(ConversationId(p.a), Seq(p.b));
     case Kind::kMember: return keys::MemberKey(ConversationId(p.a), UserId(p.b));
     case Kind::kDedup: return keys::DedupKey(u, DeviceId(p.b), p.tail);
@@ -150,7 +152,8 @@ std::string Build(const Parsed& p) {
 Space SpaceOf(Kind k) {
   switch (k) {
     case Kind::kConversationMeta:
-    case Kind::kHead: return Space::kMeta;
+    case Kind::kHead:
+    case Kind::kPtsLimit: return Space::kMeta;
     case Kind::kLog: return Space::kLog;
     case Kind::kMember: return Space::kMembers;
     case Kind::kDedup: return Space::kDedup;
@@ -263,6 +266,7 @@ std::vector<Parsed> AllKeys(const Ids& i) {
   return {
       {Kind::kConversationMeta, i.conv},
       {Kind::kHead, i.conv},
+      {Kind::kPtsLimit, i.user},
       {Kind::kLog, i.conv, i.seq},
       {Kind::kMember, i.conv, i.user},
       {Kind::kDedup, i.user, i.device, 0, i.client_id},

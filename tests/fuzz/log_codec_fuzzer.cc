@@ -165,11 +165,19 @@ void FuzzMemberValue(std::string_view value) {
 
 void FuzzReadRanges(std::string_view value) {
   std::vector<ReadRangeValue> v;
-  if (!DecodeReadRanges(value, &v).ok()) return;
-  const std::string again = EncodeReadRanges(v);
+  uint64_t as_of = 0;
+  if (!DecodeReadRanges(value, &v, &as_of).ok()) return;
+  std::vector<ReadRangeValue> without;
+  FUZZ_CHECK(DecodeReadRanges(value, &without).ok() && without == v,
+             "decoding without as_of_seq differs");
+  const std::string again = EncodeReadRanges(v, as_of);
   std::vector<ReadRangeValue> v2;
-  FUZZ_CHECK(DecodeReadRanges(again, &v2).ok(), "re-encoded ranges rejected");
-  FUZZ_CHECK(v == v2, "ranges round trip changed the value");
+  uint64_t as_of2 = 0;
+  FUZZ_CHECK(DecodeReadRanges(again, &v2, &as_of2).ok(),
+             "re-encoded ranges rejected");
+  FUZZ_CHECK(v == v2 && as_of == as_of2,
+             "ranges round trip changed the value (as_of %llu -> %llu)",
+             (unsigned long long)as_of, (unsigned long long)as_of2);
 }
 
 // kMessageIndex and kUserStream values: fixed 24 bytes, so re-encoding gives

@@ -372,9 +372,10 @@ def ops_seeds():
     # Reproducers of the open engine bugs (known_engine_bugs.txt).
     write_repro(t, "huge-retention", program(
         False, create(c1, a, [b_], retention="huge")))
-    write_repro(t, "authorizer-first", program(
+    # Bugs it found that are fixed: regression seeds.
+    write(t, "fixed-authorizer-first", program(
         False, create(c1, a, [b_]), toggle_denied(cc), send(cc, p1, c1, "a")))
-    write_repro(t, "cache-bound", program(
+    write(t, "fixed-cache-bound", program(
         False, create(c1, a, [b_]), create(c2, a, [b_]), create(c(3), a, [b_])))
 
 

@@ -12,9 +12,10 @@
 //   acks     delivery + ack to 1,000 devices, per message and cumulative
 //   fanout   a 1,000-member group with 100 devices online
 // Each case runs for --peers_seconds after --peers_warmup seconds untimed and
-// reports msg/s and CPU per message: this process (all threads) and the
-// server process (/proc/<pid>/stat). After the runs a table prints the
-// median of the repetitions and their spread.
+// reports msg/s, CPU per message -- this process (all threads) and the
+// server process (/proc/<pid>/stat) -- and, for one-at-a-time sends, p50/p99
+// send latency. After the runs a table prints the median of the repetitions
+// and their spread.
 //
 // Flags (besides Google Benchmark's):
 //   --peers_seconds=S     measured time per case (default 1)
@@ -109,6 +110,7 @@ struct SenderThread {
   uint64_t next_id = 0;
   std::vector<SendOutcome> outcomes;
   std::vector<std::pair<Msg, SendOutcome>> samples;  // for the dedup check
+  std::vector<float> latency_us;  // one-at-a-time sends, measured phase
   absl::Status error;
 };
 
@@ -148,8 +150,14 @@ void RunPhase(const SendSpec& spec, std::vector<SenderThread>& threads,
         } else {
           FillMsg(spec, static_cast<int>(t), st, &m);
           SendOutcome out;
+          const auto start = Clock::now();
           st.error = st.sender->Send(m, &out);
           if (!st.error.ok()) break;
+          if (sample) {
+            st.latency_us.push_back(static_cast<float>(
+                std::chrono::duration<double, std::micro>(Clock::now() - start)
+                    .count()));
+          }
           st.outcomes.push_back(out);
           if (sample && st.samples.size() < kDedupSamplesPerThread) {
             st.samples.emplace_back(m, out);
@@ -301,12 +309,22 @@ void SendCase(benchmark::State& state, ChatSystem& system,
   const Meter b = Meter::Now(system);
   PEERS_CHECK(first_error());
   double msgs = 0;
-  for (const SenderThread& st : threads) msgs += st.outcomes.size();
+  std::vector<float> latency;
+  for (const SenderThread& st : threads) {
+    msgs += st.outcomes.size();
+    latency.insert(latency.end(), st.latency_us.begin(), st.latency_us.end());
+  }
   PEERS_CHECK(VerifySeqs(system, threads, heads));
   PEERS_CHECK(VerifyDedup(system, threads, heads));
   threads.clear();  // connections closed before the next case
   system.EndSends(heads);
   state.SetIterationTime(Report(state, a, b, msgs));
+  if (!latency.empty()) {
+    // Send latency at saturation (closed loop), one-at-a-time rows only.
+    std::sort(latency.begin(), latency.end());
+    state.counters["p50_us"] = latency[latency.size() / 2];
+    state.counters["p99_us"] = latency[latency.size() * 99 / 100];
+  }
 }
 
 void AckCase(benchmark::State& state, ChatSystem& system, bool cumulative) {
@@ -455,7 +473,7 @@ class Collector : public benchmark::ConsoleReporter {
   struct Result {
     bool error = false;
     std::string message;
-    double rate = 0, cpu = 0, srv = 0;
+    double rate = 0, cpu = 0, srv = 0, p50 = 0, p99 = 0;
   };
 
   void ReportRuns(const std::vector<Run>& runs) override {
@@ -472,6 +490,8 @@ class Collector : public benchmark::ConsoleReporter {
       r.rate = counter("msg/s");
       r.cpu = counter("cpu_us/msg");
       r.srv = counter("srv_us/msg");
+      r.p50 = counter("p50_us");
+      r.p99 = counter("p99_us");
       results_[run.run_name.function_name].push_back(r);
     }
   }
@@ -498,12 +518,12 @@ void PrintTable(const Collector& c) {
       "or the peers' client side); server = the peer's server process)\n\n");
   std::printf(
       "| workload | durability | system | config | msg/s | spread | reps | "
-      "CPU µs/msg bench | server | total |\n"
-      "|---|---|---|---|---|---|---|---|---|---|\n");
+      "CPU µs/msg bench | server | total | p50 / p99 µs |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Row& row : Rows()) {
     const auto* results = c.Find(row.name);
     if (results == nullptr) continue;
-    std::vector<double> rate, cpu, srv;
+    std::vector<double> rate, cpu, srv, p50, p99;
     std::string error;
     for (const auto& r : *results) {
       if (r.error) {
@@ -513,9 +533,11 @@ void PrintTable(const Collector& c) {
       rate.push_back(r.rate);
       cpu.push_back(r.cpu);
       srv.push_back(r.srv);
+      p50.push_back(r.p50);
+      p99.push_back(r.p99);
     }
     if (!error.empty() || rate.empty()) {
-      std::printf("| %s | %s | %s | %s | FAILED: %s |||||\n",
+      std::printf("| %s | %s | %s | %s | FAILED: %s ||||||\n",
                   row.workload.c_str(), row.durability.c_str(),
                   row.system.c_str(), row.config.c_str(), error.c_str());
       continue;
@@ -525,18 +547,24 @@ void PrintTable(const Collector& c) {
         (*std::max_element(rate.begin(), rate.end()) -
          *std::min_element(rate.begin(), rate.end())) / med * 100;
     const double mc = Median(cpu), ms = Median(srv);
-    std::printf("| %s | %s | %s | %s | %.0f | %.0f %% | %zu | %.1f | %s | %.1f |\n",
+    const std::string latency =
+        Median(p99) > 0 ? absl::StrCat(std::lround(Median(p50)), " / ",
+                                       std::lround(Median(p99)))
+                        : std::string("-");
+    std::printf("| %s | %s | %s | %s | %.0f | %.0f %% | %zu | %.1f | %s | %.1f | %s |\n",
                 row.workload.c_str(), row.durability.c_str(),
                 row.system.c_str(), row.config.c_str(), med, spread,
                 rate.size(), mc,
                 row.system == "parley" ? "-"
                                        : absl::StrCat(std::lround(ms * 10) / 10.0)
                                              .c_str(),
-                mc + ms);
+                mc + ms, latency.c_str());
   }
   for (const std::string& n : Notes()) std::printf("\nnote: %s", n.c_str());
   std::printf(
-      "\n\nacks: %d devices, rounds of %d messages to one device's direct "
+      "\n\np50 / p99: latency of one-at-a-time sends at saturation (closed "
+      "loop: every sender sends again at once);\nmedians over the "
+      "repetitions.\nacks: %d devices, rounds of %d messages to one device's direct "
       "conversation (sent one at a time),\nthen received and acked per "
       "message or once (cumulative); msg/s counts messages sent, delivered "
       "and acked.\nfanout: %d-member group (read fan-out in parley), %d "

@@ -599,14 +599,16 @@ void BM_FanoutRaw(benchmark::State& state, FanoutCase fc, bool online) {
     if (!c->sinks.empty()) {
       // The payload handed to every online sink: one entry per message (as
       // parley builds one), then a plain loop. No tracking, no copies.
-      delivery.entry.conversation = parley::ConversationId(kFanoutConv);
-      delivery.entry.seq = parley::Seq(seq);
-      delivery.entry.id = parley::MessageId(id);
-      delivery.entry.server_time = parley::Timestamp(std::chrono::microseconds(now));
-      delivery.entry.sender = parley::UserId(1);
-      delivery.entry.device = parley::DeviceId(1);
-      delivery.entry.client_message_id.assign(client_id, len);
-      delivery.entry.payload.assign(payload);
+      auto entry = std::make_shared<parley::LogEntry>();
+      entry->conversation = parley::ConversationId(kFanoutConv);
+      entry->seq = parley::Seq(seq);
+      entry->id = parley::MessageId(id);
+      entry->server_time = parley::Timestamp(std::chrono::microseconds(now));
+      entry->sender = parley::UserId(1);
+      entry->device = parley::DeviceId(1);
+      entry->client_message_id.assign(client_id, len);
+      entry->payload.assign(payload);
+      delivery.entry = std::move(entry);
       delivery.position = seq;
       uint64_t u = 0;
       for (const auto& sink : c->sinks) {

@@ -73,11 +73,11 @@ class PrintingSink final : public parley::DeliverySink {
     std::printf("    [%s] conv %llu seq %-3llu (%s stream pos %llu, attempt "
                 "%u) %s\n",
                 name_.c_str(),
-                static_cast<unsigned long long>(d.entry.conversation.value()),
-                static_cast<unsigned long long>(d.entry.seq.value()),
+                static_cast<unsigned long long>(d.entry->conversation.value()),
+                static_cast<unsigned long long>(d.entry->seq.value()),
                 d.stream.kind == parley::StreamKind::kUser ? "user" : "conv",
                 static_cast<unsigned long long>(d.position), d.attempt,
-                d.entry.payload.c_str());
+                d.entry->payload.c_str());
     received.push_back(d);
   }
   void OnEvent(const parley::Event& e) override {

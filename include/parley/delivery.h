@@ -26,6 +26,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -65,7 +66,10 @@ struct Delivery {
   StreamId stream;
   uint64_t position = 0;  // ack this (cumulatively) once processed
   uint32_t attempt = 1;   // 1 for the first delivery, then 2, 3, ...
-  LogEntry entry;         // entry.conversation and entry.seq identify it
+  // The entry (entry->conversation and entry->seq identify it). Immutable and
+  // shared by every device it goes to and every retry: one copy of a payload
+  // however many devices receive it. Never null.
+  std::shared_ptr<const LogEntry> entry;
 };
 
 enum class EventKind : uint8_t {

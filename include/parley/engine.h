@@ -147,8 +147,10 @@ class Engine {
   // Attaches a connected device: it first receives what it missed after its
   // positions, in order, then live messages, with no gap or duplicate at the
   // seam. Attaching an attached device replaces its sink and redelivers
-  // everything unacked at once. InvalidArgument (zero ids, no sink, a resume
-  // position past the stream's head), Unavailable.
+  // everything unacked at once. A resume position past a stream's head (the
+  // device kept positions that a power loss in kBuffered took back) resets
+  // that stream to the head, like one too far behind (AttachResult::reset).
+  // InvalidArgument (zero ids, no sink, an unknown stream), Unavailable.
   virtual absl::StatusOr<AttachResult> Attach(
       UserId user, DeviceId device, std::shared_ptr<DeliverySink> sink,
       const AttachOptions& options) = 0;
@@ -221,7 +223,9 @@ class Engine {
   virtual EngineStats GetStats() = 0;
 
   // Waits for sends in progress, makes buffered writes durable and refuses
-  // further calls with FailedPrecondition. Idempotent.
+  // further calls with FailedPrecondition. Idempotent. Called from inside a
+  // DeliverySink callback (it would wait for its own caller) it returns
+  // FailedPrecondition and closes nothing.
   virtual absl::Status Close() = 0;
 };
 

@@ -54,15 +54,6 @@ uint64_t CountInRanges(const std::vector<ReadRangeValue>& ranges,
   return n;
 }
 
-template <typename T>
-void EraseDevice(std::vector<std::shared_ptr<T>>& v, const T* d) {
-  v.erase(std::remove_if(v.begin(), v.end(),
-                         [d](const std::shared_ptr<T>& p) {
-                           return p.get() == d;
-                         }),
-          v.end());
-}
-
 }  // namespace
 
 DeliveryManager::DeliveryManager(const Options& options, Storage* storage,
@@ -103,31 +94,33 @@ bool DeliveryManager::AnyOnline(ConversationId c) {
 
 uint64_t DeliveryManager::attached() {
   MutexLock lock(&registry_mu_);
-  return devices_.size();
+  uint64_t n = 0;
+  for (const auto& [u, list] : by_user_) n += list.size();
+  return n;
+}
+
+void DeliveryManager::Follow(const DevicePtr& d, uint64_t c) {
+  MutexLock lock(&registry_mu_);
+  by_conversation_[c].try_emplace(DeviceKey(d->user.value(), d->device.value()),
+                                  d);
+}
+
+void DeliveryManager::Unfollow(const DevicePtr& d, uint64_t c) {
+  MutexLock lock(&registry_mu_);
+  auto it = by_conversation_.find(c);
+  if (it == by_conversation_.end()) return;
+  it->second.erase(DeviceKey(d->user.value(), d->device.value()));
+  if (it->second.empty()) by_conversation_.erase(it);
 }
 
 // ---------------------------------------------------------------------------
 // Building a device's streams
 
-absl::StatusOr<std::vector<ReadRangeValue>> DeliveryManager::LoadRanges(
-    UserId u, ConversationId c) {
-  std::vector<ReadRangeValue> ranges;
-  std::string value;
-  absl::Status s =
-      storage_->Get(Space::kUserIndex, keys::UserIndexKey(u, c), &value);
-  if (absl::IsNotFound(s)) return ranges;
-  PARLEY_RETURN_IF_ERROR(s);
-  PARLEY_RETURN_IF_ERROR(DecodeReadRanges(value, &ranges));
-  return ranges;
-}
-
-absl::StatusOr<DeliveryManager::DevicePtr> DeliveryManager::Build(
-    UserId u, DeviceId d, const std::vector<StreamPosition>& from,
-    size_t window, AttachResult* result) {
-  auto dev = std::make_shared<Device>(u, d);
-  MutexLock lock(&dev->mu);
-  dev->window = window;
-
+absl::Status DeliveryManager::Build(const DevicePtr& dev,
+                                    const std::vector<StreamPosition>& from,
+                                    AttachResult* result, bool follow) {
+  const UserId u = dev->user;
+  const DeviceId d = dev->device;
   // Stored positions.
   std::optional<uint64_t> stored_user;
   std::map<uint64_t, uint64_t> stored_conv;
@@ -165,6 +158,14 @@ absl::StatusOr<DeliveryManager::DevicePtr> DeliveryManager::Build(
     }
   }
   const bool known = stored_user.has_value() || !from.empty();
+  const int64_t now = Micros(clock_->Now());
+
+  // The device is registered (for the feed) before any head is read: every
+  // commit is either in what is read below or published to it afterwards.
+  if (follow) {
+    MutexLock lock(&registry_mu_);
+    by_user_[u.value()].push_back(dev);
+  }
 
   // User stream.
   auto user_head = heads_->UserHead(u);
@@ -172,17 +173,15 @@ absl::StatusOr<DeliveryManager::DevicePtr> DeliveryManager::Build(
   uint64_t pos = resume_user ? *resume_user
                  : stored_user ? *stored_user
                                : *user_head;
-  if (pos > *user_head) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "resume position ", pos, " is past the user stream head ", *user_head));
-  }
-  bool reset = *user_head - pos > options_.max_catchup_entries;
+  // A position past the head (the device kept positions that a power loss
+  // took back, say) is reset like one too far behind.
+  bool reset = pos > *user_head ||
+               *user_head - pos > options_.max_catchup_entries;
   if (!reset && pos < *user_head) {
     std::string value;
     absl::Status s = storage_->Get(Space::kUserStream,
                                    keys::UserStreamKey(u, pos + 1), &value);
-    if (absl::IsNotFound(s) ||
-        (s.ok() && IsExpired(value, Micros(clock_->Now())))) {
+    if (absl::IsNotFound(s) || (s.ok() && IsExpired(value, now))) {
       reset = true;  // the entries it needs are gone
     } else if (!s.ok()) {
       return s;
@@ -198,44 +197,61 @@ absl::StatusOr<DeliveryManager::DevicePtr> DeliveryManager::Build(
   us.known_head = *user_head;
   result->positions.push_back({StreamId::User(), pos});
 
-  // Conversation streams.
-  const std::string prefix = keys::UserPrefix(u);
-  auto it =
-      storage_->NewIterator(Space::kUserIndex, prefix, PrefixSuccessor(prefix));
-  for (it->Seek(prefix); it->Valid(); it->Next()) {
-    const ConversationId c = keys::ConversationOfUserIndexKey(it->key());
-    std::vector<ReadRangeValue> ranges;
-    PARLEY_RETURN_IF_ERROR(DecodeReadRanges(it->value(), &ranges));
-    if (ranges.empty()) continue;
+  // Conversation streams: the conversations with read ranges of u.
+  std::vector<ConversationId> candidates;
+  {
+    const std::string prefix = keys::UserPrefix(u);
+    auto it = storage_->NewIterator(Space::kUserIndex, prefix,
+                                    PrefixSuccessor(prefix));
+    for (it->Seek(prefix); it->Valid(); it->Next()) {
+      candidates.push_back(keys::ConversationOfUserIndexKey(it->key()));
+    }
+    PARLEY_RETURN_IF_ERROR(it->status());
+  }
+  std::map<uint64_t, uint64_t> finished;  // conversation -> position
+  for (ConversationId c : candidates) {
+    if (follow) Follow(dev, c.value());
+    // Head first, then the ranges: they reflect every change up to it.
     auto head = heads_->ConversationHead(c);
     if (!head.ok()) return head.status();
+    std::vector<ReadRangeValue> ranges;
+    uint64_t version = 0;
+    {
+      std::string value;
+      absl::Status s =
+          storage_->Get(Space::kUserIndex, keys::UserIndexKey(u, c), &value);
+      if (s.ok()) {
+        PARLEY_RETURN_IF_ERROR(DecodeReadRanges(value, &ranges, &version));
+      } else if (!absl::IsNotFound(s)) {
+        return s;
+      }
+    }
+    version = std::max(version, *head);
     uint64_t cpos;
     if (auto r = resume_conv.find(c.value()); r != resume_conv.end()) {
       cpos = r->second;
     } else if (auto st = stored_conv.find(c.value()); st != stored_conv.end()) {
       cpos = st->second;
     } else {
-      cpos = known ? ranges.front().from - 1 : *head;
+      cpos = known && !ranges.empty() ? ranges.front().from - 1 : *head;
     }
-    if (cpos > *head) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "resume position ", cpos, " is past conversation ", c.value(),
-          "'s head ", *head));
-    }
-    if (RangesDone(ranges, cpos)) {
-      dev->attach_floor[c.value()] = cpos;
+    bool creset = cpos > *head;
+    if (creset) cpos = *head;
+    if (ranges.empty() || RangesDone(ranges, cpos)) {
+      if (follow) Unfollow(dev, c.value());
+      dev->done_versions[c.value()] = version;
+      if (!ranges.empty()) finished[c.value()] = cpos;
       continue;
     }
-    bool creset = CountInRanges(ranges, cpos, *head) >
-                  options_.max_catchup_entries;
+    creset = creset ||
+             CountInRanges(ranges, cpos, *head) > options_.max_catchup_entries;
     const ReadRangeValue* range = nullptr;
     const uint64_t next = NextInRanges(ranges, cpos, &range);
     if (!creset && next != 0 && next <= *head) {
       std::string value;
       absl::Status s =
           storage_->Get(Space::kLog, keys::LogKey(c, Seq(next)), &value);
-      if (absl::IsNotFound(s) ||
-          (s.ok() && IsExpired(value, Micros(clock_->Now())))) {
+      if (absl::IsNotFound(s) || (s.ok() && IsExpired(value, now))) {
         creset = true;
       } else if (!s.ok()) {
         return s;
@@ -252,9 +268,9 @@ absl::StatusOr<DeliveryManager::DevicePtr> DeliveryManager::Build(
     cs.acked = cs.sent = cpos;
     cs.known_head = *head;
     cs.ranges = std::move(ranges);
+    cs.ranges_version = version;
     result->positions.push_back({cs.id, cpos});
   }
-  PARLEY_RETURN_IF_ERROR(it->status());
 
   // A device seen for the first time, or reset, remembers where it starts.
   if (!stored_user.has_value() || !result->reset.empty()) {
@@ -270,90 +286,74 @@ absl::StatusOr<DeliveryManager::DevicePtr> DeliveryManager::Build(
     };
     for (const auto& [c, cs] : dev->conversations) put_conversation(c, cs.acked);
     // Finished stretches too: a later attach must not replay them.
-    for (const auto& [c, position] : dev->attach_floor) {
-      put_conversation(c, position);
-    }
+    for (const auto& [c, position] : finished) put_conversation(c, position);
     PARLEY_RETURN_IF_ERROR(storage_->Write(batch, write_options_));
   }
-  return dev;
+  return absl::OkStatus();
 }
 
-absl::Status DeliveryManager::RefreshRanges(
-    Device& d, std::optional<ConversationId> only) {
-  std::vector<std::pair<ConversationId, std::vector<ReadRangeValue>>> found;
-  if (only) {
-    auto ranges = LoadRanges(d.user, *only);
-    if (!ranges.ok()) return ranges.status();
-    found.emplace_back(*only, std::move(*ranges));
-  } else {
-    const std::string prefix = keys::UserPrefix(d.user);
-    auto it = storage_->NewIterator(Space::kUserIndex, prefix,
-                                    PrefixSuccessor(prefix));
-    for (it->Seek(prefix); it->Valid(); it->Next()) {
-      std::vector<ReadRangeValue> ranges;
-      PARLEY_RETURN_IF_ERROR(DecodeReadRanges(it->value(), &ranges));
-      found.emplace_back(keys::ConversationOfUserIndexKey(it->key()),
-                         std::move(ranges));
-    }
-    PARLEY_RETURN_IF_ERROR(it->status());
-  }
-  for (auto& [c, ranges] : found) {
-    auto sit = d.conversations.find(c.value());
-    if (sit == d.conversations.end()) {
-      if (ranges.empty()) continue;
-      // A stretch opened while attached (or one this device finished
-      // earlier): start after the stored cursor, else right before it.
-      uint64_t pos = ranges.front().from - 1;
-      std::string value;
-      auto floor = d.attach_floor.find(c.value());
-      absl::Status s = floor != d.attach_floor.end()
-          ? absl::NotFoundError("")
-          : storage_->Get(
-          Space::kCursors,
-          keys::DeviceConversationCursorKey(d.user, d.device, c), &value);
-      if (floor != d.attach_floor.end()) {
-        pos = floor->second;
-      } else if (s.ok()) {
-        PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &pos));
-      } else if (!absl::IsNotFound(s)) {
-        return s;
-      }
-      if (RangesDone(ranges, pos)) continue;
-      sit = d.conversations.try_emplace(c.value(), StreamId::Conversation(c))
-                .first;
-      sit->second.acked = sit->second.sent = pos;
-    }
-    Stream& cs = sit->second;
-    cs.ranges = std::move(ranges);
-    auto head = heads_->ConversationHead(c);
-    if (!head.ok()) return head.status();
-    cs.known_head = std::max(cs.known_head, *head);
+void DeliveryManager::ResetLocked(const DevicePtr& d) {
+  Unschedule(*d);
+  d->generation.fetch_add(1, std::memory_order_acq_rel);
+  {
     MutexLock lock(&registry_mu_);
-    auto& followers = by_conversation_[c.value()];
-    const bool listed =
-        std::any_of(followers.begin(), followers.end(),
-                    [&](const DevicePtr& p) { return p.get() == &d; });
-    if (HasOpenRange(cs.ranges) && !listed) {
-      followers.push_back(devices_.at(DeviceKey(d.user.value(),
-                                                d.device.value())));
-    } else if (!HasOpenRange(cs.ranges) && listed) {
-      EraseDevice(followers, &d);
-      if (followers.empty()) by_conversation_.erase(c.value());
+    for (const auto& [c, s] : d->conversations) {
+      auto it = by_conversation_.find(c);
+      if (it == by_conversation_.end()) continue;
+      it->second.erase(DeviceKey(d->user.value(), d->device.value()));
+      if (it->second.empty()) by_conversation_.erase(it);
+    }
+    auto it = by_user_.find(d->user.value());
+    if (it != by_user_.end()) {
+      auto& list = it->second;
+      list.erase(std::remove(list.begin(), list.end(), d), list.end());
+      if (list.empty()) by_user_.erase(it);
     }
   }
-  return absl::OkStatus();
+  d->outbox.clear();
+  d->user_stream = Stream(StreamId::User());
+  d->conversations.clear();
+  d->done_versions.clear();
+  d->in_flight = 0;
 }
 
-absl::Status DeliveryManager::RefreshHeads(Device& d) {
-  auto head = heads_->UserHead(d.user);
-  if (!head.ok()) return head.status();
-  d.user_stream.known_head = std::max(d.user_stream.known_head, *head);
-  for (auto& [c, cs] : d.conversations) {
-    auto h = heads_->ConversationHead(ConversationId(c));
-    if (!h.ok()) return h.status();
-    cs.known_head = std::max(cs.known_head, *h);
+void DeliveryManager::ApplyRangesLocked(const DevicePtr& d, ConversationId c,
+                                        const std::vector<ReadRangeValue>& ranges,
+                                        uint64_t version) {
+  auto it = d->conversations.find(c.value());
+  if (it != d->conversations.end()) {
+    if (version <= it->second.ranges_version) return;
+    it->second.ranges = ranges;
+    it->second.ranges_version = version;
+    MaybeFinishLocked(d, c.value());
+    return;
   }
-  return absl::OkStatus();
+  auto done = d->done_versions.find(c.value());
+  if (done != d->done_versions.end() && version <= done->second) return;
+  if (ranges.empty() || RangesDone(ranges, ranges.back().from - 1)) {
+    d->done_versions[c.value()] = version;
+    return;
+  }
+  // Every earlier stretch is finished for this device (or it would still
+  // have a stream): start right before the newest one.
+  Stream& s =
+      d->conversations.try_emplace(c.value(), StreamId::Conversation(c))
+          .first->second;
+  s.acked = s.sent = s.known_head = ranges.back().from - 1;
+  s.ranges = ranges;
+  s.ranges_version = version;
+  if (done != d->done_versions.end()) d->done_versions.erase(done);
+  Follow(d, c.value());
+}
+
+void DeliveryManager::MaybeFinishLocked(const DevicePtr& d, uint64_t c) {
+  auto it = d->conversations.find(c);
+  if (it == d->conversations.end()) return;
+  Stream& s = it->second;
+  if (!RangesDone(s.ranges, s.acked) || !s.inflight.empty()) return;
+  d->done_versions[c] = s.ranges_version;
+  d->conversations.erase(it);
+  Unfollow(d, c);
 }
 
 // ---------------------------------------------------------------------------
@@ -366,79 +366,64 @@ absl::StatusOr<AttachResult> DeliveryManager::Attach(
     return absl::InvalidArgumentError("user and device must be nonzero");
   }
   if (sink == nullptr) return absl::InvalidArgumentError("sink is required");
-  // A reattach replaces the session: everything unacked goes out again.
-  if (Find(u, d) != nullptr) {
-    absl::Status s = Detach(u, d);
-    if (!s.ok() && !absl::IsNotFound(s)) return s;
-  }
-  AttachResult result;
-  auto dev = Build(u, d, options.resume_from,
-                   options_.max_in_flight_per_device, &result);
-  if (!dev.ok()) return dev.status();
-  DevicePtr device = std::move(*dev);
-  {
-    MutexLock lock(&device->mu);
-    device->sink = std::move(sink);
-    device->attached = true;
-  }
+  // One session object per device: a reattach (or an attach while the old
+  // sink is still being called) reuses it, so one drain loop serves all
+  // generations.
+  DevicePtr dev;
   {
     MutexLock lock(&registry_mu_);
-    auto [it, inserted] =
-        devices_.try_emplace(DeviceKey(u.value(), d.value()), device);
-    if (!inserted) {
-      // Lost a race with a concurrent Attach of the same device.
-      return absl::AbortedError("device attached concurrently; retry");
-    }
-    by_user_[u.value()].push_back(device);
+    auto [it, inserted] = devices_.try_emplace(DeviceKey(u.value(), d.value()));
+    if (inserted) it->second = std::make_shared<Device>(u, d);
+    dev = it->second;
   }
-  // Registered: every later commit reaches this device as an offer. Anything
-  // committed before is covered by reading ranges and heads now.
+  AttachResult result;
   {
-    MutexLock lock(&device->mu);
-    absl::Status s = RefreshRanges(*device, std::nullopt);
-    device->attach_floor.clear();
-    if (s.ok()) s = RefreshHeads(*device);
+    MutexLock lock(&dev->mu);
+    // A reattach replaces the session: everything unacked goes out again.
+    ResetLocked(dev);
+    dev->registered = true;
+    {
+      // The object may have left the registry between the lookup and the
+      // lock (a detach finished draining): put it back.
+      MutexLock rlock(&registry_mu_);
+      devices_[DeviceKey(u.value(), d.value())] = dev;
+    }
+    dev->sink = std::move(sink);
+    dev->attached = true;
+    dev->window = options_.max_in_flight_per_device;
+    absl::Status s = Build(dev, options.resume_from, &result, /*follow=*/true);
     if (!s.ok()) {
-      device->mu.Unlock();
-      absl::Status ds = Detach(u, d);
-      device->mu.Lock();
+      dev->attached = false;
+      ResetLocked(dev);
+      if (!dev->draining) {
+        dev->registered = false;
+        MutexLock rlock(&registry_mu_);
+        auto it = devices_.find(DeviceKey(u.value(), d.value()));
+        if (it != devices_.end() && it->second == dev) devices_.erase(it);
+      }
       return s;
     }
-    Pump(*device);
+    Pump(*dev);
   }
-  Drain(device);
+  Drain(dev);
   return result;
 }
 
 absl::Status DeliveryManager::Detach(UserId u, DeviceId d) {
-  DevicePtr dev;
-  {
-    MutexLock lock(&registry_mu_);
-    auto it = devices_.find(DeviceKey(u.value(), d.value()));
-    if (it == devices_.end()) {
-      return absl::NotFoundError("device is not attached");
-    }
-    dev = it->second;
-    devices_.erase(it);
-    auto& list = by_user_[u.value()];
-    EraseDevice(list, dev.get());
-    if (list.empty()) by_user_.erase(u.value());
-    for (auto cit = by_conversation_.begin(); cit != by_conversation_.end();) {
-      EraseDevice(cit->second, dev.get());
-      if (cit->second.empty()) {
-        by_conversation_.erase(cit++);
-      } else {
-        ++cit;
-      }
-    }
-  }
+  DevicePtr dev = Find(u, d);
+  if (dev == nullptr) return absl::NotFoundError("device is not attached");
   MutexLock lock(&dev->mu);
-  Unschedule(*dev);
+  if (!dev->attached) return absl::NotFoundError("device is not attached");
   dev->attached = false;
-  dev->outbox.clear();
-  dev->user_stream.inflight.clear();
-  dev->conversations.clear();
-  dev->in_flight = 0;
+  ResetLocked(dev);
+  dev->sink.reset();
+  if (!dev->draining) {
+    // (Otherwise the drain loop unregisters it when it is done.)
+    dev->registered = false;
+    MutexLock rlock(&registry_mu_);
+    auto it = devices_.find(DeviceKey(u.value(), d.value()));
+    if (it != devices_.end() && it->second == dev) devices_.erase(it);
+  }
   return absl::OkStatus();
 }
 
@@ -459,13 +444,14 @@ void DeliveryManager::DetachAll() {
 
 absl::Status DeliveryManager::FetchUser(Device& d, uint64_t from) {
   Stream& us = d.user_stream;
-  const uint64_t to = std::min(
-      us.known_head, from + std::max<size_t>(d.window, 16) - 1);
+  const uint64_t span = std::max<size_t>(d.window, 16);
+  const uint64_t to =
+      us.known_head - from < span ? us.known_head : from + span - 1;
   auto it = storage_->NewIterator(Space::kUserStream,
                                   keys::UserStreamKey(d.user, from),
                                   keys::UserStreamKey(d.user, to + 1));
   const int64_t now = Micros(clock_->Now());
-  for (uint64_t p = from; p <= to; ++p) us.early.try_emplace(p, nullptr);
+  for (uint64_t p = from; p <= to; ++p) us.early.try_emplace(p, Pending{});
   for (it->Seek(keys::UserStreamKey(d.user, from)); it->Valid(); it->Next()) {
     const uint64_t pts = keys::PtsOfUserStreamKey(it->key());
     if (IsExpired(it->value(), now)) continue;
@@ -480,7 +466,7 @@ absl::Status DeliveryManager::FetchUser(Device& d, uint64_t from) {
     entry->conversation = c;
     entry->seq = seq;
     PARLEY_RETURN_IF_ERROR(DecodeLogValue(value, entry.get()));
-    us.early[pts] = std::move(entry);
+    us.early[pts] = Pending{std::move(entry), ExpiryOf(value)};
   }
   return it->status();
 }
@@ -488,8 +474,9 @@ absl::Status DeliveryManager::FetchUser(Device& d, uint64_t from) {
 absl::Status DeliveryManager::FetchConversation(Device& d, Stream& s,
                                                 uint64_t from, uint64_t to) {
   const ConversationId c = s.id.conversation;
-  to = std::min(to, from + std::max<size_t>(d.window, 16) - 1);
-  for (uint64_t p = from; p <= to; ++p) s.early.try_emplace(p, nullptr);
+  const uint64_t span = std::max<size_t>(d.window, 16);
+  if (to - from >= span) to = from + span - 1;
+  for (uint64_t p = from; p <= to; ++p) s.early.try_emplace(p, Pending{});
   auto it = storage_->NewIterator(Space::kLog, keys::LogKey(c, Seq(from)),
                                   keys::LogKey(c, Seq(to + 1)));
   const int64_t now = Micros(clock_->Now());
@@ -499,13 +486,14 @@ absl::Status DeliveryManager::FetchConversation(Device& d, Stream& s,
     entry->conversation = c;
     entry->seq = keys::SeqOfLogKey(it->key());
     PARLEY_RETURN_IF_ERROR(DecodeLogValue(it->value(), entry.get()));
-    s.early[entry->seq.value()] = std::move(entry);
+    const uint64_t seq = entry->seq.value();
+    s.early[seq] = Pending{std::move(entry), ExpiryOf(it->value())};
   }
   return it->status();
 }
 
 void DeliveryManager::Send(Device& d, Stream& s, uint64_t position,
-                           std::shared_ptr<const LogEntry> entry) {
+                           Pending item) {
   const int64_t due = Micros(clock_->Now()) + RetryDelayMicros(1);
   Delivery out;
   out.user = d.user;
@@ -513,9 +501,9 @@ void DeliveryManager::Send(Device& d, Stream& s, uint64_t position,
   out.stream = s.id;
   out.position = position;
   out.attempt = 1;
-  out.entry = *entry;
+  out.entry = item.entry;
   d.outbox.emplace_back(std::move(out));
-  s.inflight.push_back({position, due, 1, std::move(entry)});
+  s.inflight.push_back({position, due, 1, std::move(item)});
   ++d.in_flight;
   deliveries_.fetch_add(1, std::memory_order_relaxed);
   if (d.attached) Schedule(d, due);
@@ -524,6 +512,7 @@ void DeliveryManager::Send(Device& d, Stream& s, uint64_t position,
 bool DeliveryManager::PumpUser(Device& d) {
   Stream& us = d.user_stream;
   bool progress = false;
+  const int64_t now = Micros(clock_->Now());
   while (d.in_flight < d.window && us.sent < us.known_head) {
     const uint64_t p = us.sent + 1;
     auto it = us.early.find(p);
@@ -532,42 +521,44 @@ bool DeliveryManager::PumpUser(Device& d) {
       it = us.early.find(p);
       if (it == us.early.end()) return progress;
     }
-    const std::shared_ptr<const LogEntry> entry = it->second;
+    const std::shared_ptr<const LogEntry>& entry = it->second.entry;
     if (entry != nullptr) {
-      // Gate: a conversation's entries that came before a switch to write
-      // fan-out through the conversation stream must be sent first.
+      // Gate: entries of a conversation that reached this device through its
+      // conversation stream before a switch to write fan-out go first. Each
+      // seq belongs to one mode; a stretch still covering this seq would
+      // mean this device's view of the conversation is behind (wait for it).
       auto cit = d.conversations.find(entry->conversation.value());
       if (cit != d.conversations.end()) {
+        const uint64_t seq = entry->seq.value();
         for (const auto& r : cit->second.ranges) {
-          if (r.to != 0 && r.to < entry->seq.value() &&
-              cit->second.sent < r.to) {
+          if (r.from > seq) continue;
+          if (r.to == 0 || r.to >= seq || cit->second.sent < r.to) {
             return progress;
           }
         }
       }
     }
+    Pending item = std::move(it->second);
     us.early.erase(it);
     us.sent = p;
     progress = true;
-    if (entry == nullptr) continue;  // expired or gone: nothing to deliver
-    if (entry->sender == d.user && entry->device == d.device) continue;
-    Send(d, us, p, entry);
+    if (item.entry == nullptr) continue;  // expired or gone: nothing to deliver
+    if (item.expiry != 0 && static_cast<int64_t>(item.expiry) <= now) continue;
+    if (item.entry->sender == d.user && item.entry->device == d.device) continue;
+    Send(d, us, p, std::move(item));
   }
   return progress;
 }
 
 bool DeliveryManager::PumpConversation(Device& d, Stream& s) {
   bool progress = false;
+  const int64_t now = Micros(clock_->Now());
   while (d.in_flight < d.window && s.sent < s.known_head) {
     const ReadRangeValue* range = nullptr;
     const uint64_t next = NextInRanges(s.ranges, s.sent, &range);
     if (next == 0 || next > s.known_head) break;
-    // Gate: what reached the user stream before this stretch goes first (a
-    // gate above the user stream's head points at entries that expired).
-    if (range->gate_pts > d.user_stream.sent &&
-        range->gate_pts <= d.user_stream.known_head) {
-      break;
-    }
+    // Gate: what reached the user stream before this stretch goes first.
+    if (range->gate_pts > d.user_stream.sent) break;
     auto it = s.early.find(next);
     if (it == s.early.end()) {
       const uint64_t end =
@@ -576,14 +567,15 @@ bool DeliveryManager::PumpConversation(Device& d, Stream& s) {
       it = s.early.find(next);
       if (it == s.early.end()) break;
     }
-    const std::shared_ptr<const LogEntry> entry = it->second;
+    Pending item = std::move(it->second);
     // Drop anything below `next` (outside the ranges) with it.
     s.early.erase(s.early.begin(), std::next(it));
     s.sent = next;
     progress = true;
-    if (entry == nullptr) continue;
-    if (entry->sender == d.user && entry->device == d.device) continue;
-    Send(d, s, next, entry);
+    if (item.entry == nullptr) continue;
+    if (item.expiry != 0 && static_cast<int64_t>(item.expiry) <= now) continue;
+    if (item.entry->sender == d.user && item.entry->device == d.device) continue;
+    Send(d, s, next, std::move(item));
   }
   return progress;
 }
@@ -611,8 +603,14 @@ void DeliveryManager::Drain(const DevicePtr& d) {
     std::vector<Outgoing> batch;
     batch.swap(d->outbox);
     std::shared_ptr<DeliverySink> sink = d->sink;
+    const uint64_t generation = d->generation.load(std::memory_order_acquire);
     d->mu.Unlock();
     for (const Outgoing& item : batch) {
+      // A reattach or detach since the batch was taken: its items are stale.
+      if (sink == nullptr ||
+          d->generation.load(std::memory_order_acquire) != generation) {
+        break;
+      }
       if (const Delivery* del = std::get_if<Delivery>(&item)) {
         sink->Deliver(*del);
       } else {
@@ -622,39 +620,42 @@ void DeliveryManager::Drain(const DevicePtr& d) {
     d->mu.Lock();
   }
   d->draining = false;
+  if (!d->attached && d->registered) {
+    d->registered = false;
+    MutexLock lock(&registry_mu_);
+    auto it = devices_.find(DeviceKey(d->user.value(), d->device.value()));
+    if (it != devices_.end() && it->second == d) devices_.erase(it);
+  }
   d->mu.Unlock();
 }
 
 // ---------------------------------------------------------------------------
-// Offers from the send path
+// The commit feed
 
-void DeliveryManager::OfferUser(UserId u,
-                                uint64_t pts,
-                                const std::shared_ptr<const LogEntry>& entry) {
-  for (const DevicePtr& d : DevicesOf(u)) {
-    {
-      MutexLock lock(&d->mu);
-      if (!d->attached) continue;
-      Stream& us = d->user_stream;
-      us.known_head = std::max(us.known_head, pts);
-      if (pts > us.sent && us.early.size() < 2 * d->window + 16) {
-        us.early.try_emplace(pts, entry);
+void DeliveryManager::PublishConversation(const FeedRecord& record) {
+  const ConversationId c = record.entry->conversation;
+  const uint64_t seq = record.entry->seq.value();
+  // Range changes first (a removal closes the stream at its own entry, a
+  // join opens one at it), then the entry itself.
+  for (const auto& [u, ranges] : record.ranges) {
+    for (const DevicePtr& d : DevicesOf(u)) {
+      {
+        MutexLock lock(&d->mu);
+        if (!d->attached) continue;
+        ApplyRangesLocked(d, c, ranges, seq);
+        Pump(*d);
       }
-      Pump(*d);
+      Drain(d);
     }
-    Drain(d);
   }
-}
-
-void DeliveryManager::OfferConversation(
-    ConversationId c, uint64_t seq,
-    const std::shared_ptr<const LogEntry>& entry) {
+  if (record.mode != FanoutMode::kRead) return;
   std::vector<DevicePtr> followers;
   {
     MutexLock lock(&registry_mu_);
     auto it = by_conversation_.find(c.value());
     if (it == by_conversation_.end()) return;
-    followers = it->second;
+    followers.reserve(it->second.size());
+    for (const auto& [key, d] : it->second) followers.push_back(d);
   }
   for (const DevicePtr& d : followers) {
     {
@@ -665,7 +666,7 @@ void DeliveryManager::OfferConversation(
       Stream& s = it->second;
       s.known_head = std::max(s.known_head, seq);
       if (seq > s.sent && s.early.size() < 2 * d->window + 16) {
-        s.early.try_emplace(seq, entry);
+        s.early.try_emplace(seq, Pending{record.entry, record.expiry_micros});
       }
       Pump(*d);
     }
@@ -673,13 +674,25 @@ void DeliveryManager::OfferConversation(
   }
 }
 
-void DeliveryManager::RangesChanged(UserId u, ConversationId c) {
+void DeliveryManager::PublishUser(UserId u, const FeedRecord& record,
+                                  uint64_t pts) {
+  const std::vector<ReadRangeValue>* ranges = record.RangesOf(u);
   for (const DevicePtr& d : DevicesOf(u)) {
     {
       MutexLock lock(&d->mu);
       if (!d->attached) continue;
-      absl::Status s = RefreshRanges(*d, c);
-      (void)s;  // a storage error leaves the old ranges; reattach recovers
+      if (ranges != nullptr) {
+        ApplyRangesLocked(d, record.entry->conversation, *ranges,
+                          record.entry->seq.value());
+      }
+      if (pts != 0) {
+        Stream& us = d->user_stream;
+        us.known_head = std::max(us.known_head, pts);
+        if (pts > us.sent && us.early.size() < 2 * d->window + 16) {
+          us.early.try_emplace(pts,
+                               Pending{record.entry, record.expiry_micros});
+        }
+      }
       Pump(*d);
     }
     Drain(d);
@@ -705,12 +718,19 @@ absl::Status DeliveryManager::WriteAck(Device& d, Stream& s, uint64_t acked,
   // Per-conversation delivered seqs, for receipts.
   std::map<uint64_t, uint64_t> delivered;
   for (const InFlight& f : done) {
-    uint64_t& m = delivered[f.entry->conversation.value()];
-    m = std::max(m, f.entry->seq.value());
+    uint64_t& m = delivered[f.item.entry->conversation.value()];
+    m = std::max(m, f.item.entry->seq.value());
   }
+  PARLEY_RETURN_IF_ERROR(PutDelivered(d.user, d.device, delivered, &batch));
+  return storage_->Write(batch, write_options_);
+}
+
+absl::Status DeliveryManager::PutDelivered(
+    UserId u, DeviceId d, const std::map<uint64_t, uint64_t>& delivered,
+    WriteBatch* batch) {
+  std::string v;
   for (const auto& [c, seq] : delivered) {
-    const std::string key =
-        keys::DeliveredKey(d.user, ConversationId(c), d.device);
+    const std::string key = keys::DeliveredKey(u, ConversationId(c), d);
     std::string old;
     absl::Status gs = storage_->Get(Space::kCursors, key, &old);
     uint64_t prev = 0;
@@ -722,9 +742,9 @@ absl::Status DeliveryManager::WriteAck(Device& d, Stream& s, uint64_t acked,
     if (seq <= prev) continue;
     v.clear();
     PutFixed64BE(&v, seq);
-    batch.Put(Space::kCursors, key, v);
+    batch->Put(Space::kCursors, key, v);
   }
-  return storage_->Write(batch, write_options_);
+  return absl::OkStatus();
 }
 
 absl::Status DeliveryManager::Ack(UserId u, DeviceId d, StreamId stream,
@@ -778,9 +798,8 @@ absl::Status DeliveryManager::Ack(UserId u, DeviceId d, StreamId stream,
     s->acked = acked;
     acks_.fetch_add(1, std::memory_order_relaxed);
     if (dev->in_flight == 0) Unschedule(*dev);
-    if (s->id.kind == StreamKind::kConversation &&
-        RangesDone(s->ranges, s->acked) && s->inflight.empty()) {
-      dev->conversations.erase(s->id.conversation.value());
+    if (s->id.kind == StreamKind::kConversation) {
+      MaybeFinishLocked(dev, s->id.conversation.value());
     }
     Pump(*dev);
   }
@@ -846,6 +865,24 @@ absl::Status DeliveryManager::AckDetached(UserId u, DeviceId d,
   PutFixed64BE(&value, position);
   WriteBatch batch;
   batch.Put(Space::kCursors, key, value);
+  // Receipts: the conversations (and seqs) this ack covers.
+  std::map<uint64_t, uint64_t> delivered;
+  if (stream.kind == StreamKind::kUser) {
+    auto it = storage_->NewIterator(Space::kUserStream,
+                                    keys::UserStreamKey(u, prev + 1),
+                                    keys::UserStreamKey(u, position + 1));
+    for (it->Seek(keys::UserStreamKey(u, prev + 1)); it->Valid(); it->Next()) {
+      ConversationId c;
+      Seq seq;
+      PARLEY_RETURN_IF_ERROR(DecodeIndexValue(it->value(), &c, &seq));
+      uint64_t& m = delivered[c.value()];
+      m = std::max(m, seq.value());
+    }
+    PARLEY_RETURN_IF_ERROR(it->status());
+  } else {
+    delivered[stream.conversation.value()] = position;
+  }
+  PARLEY_RETURN_IF_ERROR(PutDelivered(u, d, delivered, &batch));
   PARLEY_RETURN_IF_ERROR(storage_->Write(batch, write_options_));
   acks_.fetch_add(1, std::memory_order_relaxed);
   return absl::OkStatus();
@@ -889,13 +926,21 @@ absl::StatusOr<SyncPage> DeliveryManager::Sync(UserId u, DeviceId d,
   }
   const size_t limit =
       r.limit == 0 ? options_.max_in_flight_per_device : r.limit;
+  const size_t max_limit =
+      std::max(options_.max_in_flight_per_device, options_.max_page_size);
+  if (limit > max_limit) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sync limit ", limit, " exceeds ", max_limit,
+        " (max of max_in_flight_per_device and max_page_size)"));
+  }
   AttachResult positions;
-  auto dev = Build(u, d, r.from, limit, &positions);
-  if (!dev.ok()) return dev.status();
+  auto dev = std::make_shared<Device>(u, d);
+  Device& device = *dev;
+  MutexLock lock(&device.mu);
+  device.window = limit;
+  PARLEY_RETURN_IF_ERROR(Build(dev, r.from, &positions, /*follow=*/false));
   SyncPage page;
   page.reset = std::move(positions.reset);
-  Device& device = **dev;
-  MutexLock lock(&device.mu);
   device.pull = true;
   Pump(device);
   for (Outgoing& item : device.outbox) {
@@ -994,22 +1039,31 @@ size_t DeliveryManager::ProcessTimers() {
       d->scheduled_due = 0;
       int64_t next_due = 0;
       auto retry = [&](Stream& s) {
-        for (InFlight& f : s.inflight) {
-          if (f.deadline <= now) {
-            ++f.attempt;
-            f.deadline = now + RetryDelayMicros(f.attempt);
+        for (auto f = s.inflight.begin(); f != s.inflight.end();) {
+          if (f->item.expiry != 0 &&
+              static_cast<int64_t>(f->item.expiry) <= now) {
+            // Expired while in flight: never redelivered (a later ack
+            // covers its position).
+            f = s.inflight.erase(f);
+            --d->in_flight;
+            continue;
+          }
+          if (f->deadline <= now) {
+            ++f->attempt;
+            f->deadline = now + RetryDelayMicros(f->attempt);
             Delivery out;
             out.user = d->user;
             out.device = d->device;
             out.stream = s.id;
-            out.position = f.position;
-            out.attempt = f.attempt;
-            out.entry = *f.entry;
+            out.position = f->position;
+            out.attempt = f->attempt;
+            out.entry = f->item.entry;
             d->outbox.emplace_back(std::move(out));
             ++redelivered;
             redeliveries_.fetch_add(1, std::memory_order_relaxed);
           }
-          if (next_due == 0 || f.deadline < next_due) next_due = f.deadline;
+          if (next_due == 0 || f->deadline < next_due) next_due = f->deadline;
+          ++f;
         }
       };
       retry(d->user_stream);
@@ -1037,9 +1091,25 @@ void DeliveryManager::SendConversationEvent(ConversationId c,
     MutexLock lock(&registry_mu_);
     auto it = by_conversation_.find(c.value());
     if (it == by_conversation_.end()) return;
-    followers = it->second;
+    followers.reserve(it->second.size());
+    for (const auto& [key, d] : it->second) followers.push_back(d);
   }
-  PushEvent(followers, except_user, except, e);
+  for (const DevicePtr& d : followers) {
+    if (d->user == except_user && d->device == except) continue;
+    {
+      MutexLock lock(&d->mu);
+      if (!d->attached) continue;
+      // A follower whose stretch is closed (a removed member still being
+      // handed its removal) is no longer in the conversation.
+      auto it = d->conversations.find(c.value());
+      if (it == d->conversations.end() || !HasOpenRange(it->second.ranges)) {
+        continue;
+      }
+      d->outbox.emplace_back(e);
+      events_.fetch_add(1, std::memory_order_relaxed);
+    }
+    Drain(d);
+  }
 }
 
 void DeliveryManager::PushEvent(const std::vector<DevicePtr>& devices,

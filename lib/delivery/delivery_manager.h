@@ -15,9 +15,23 @@
 // duplicate. Gates keep a conversation's seq order across a switch between
 // fan-out modes (see records.proto ReadRange).
 //
-// Sinks are called outside every lock, by one thread at a time per device
-// (whoever finds the outbox idle drains it), so a sink may call back into
-// the engine.
+// What delivery knows of the log comes from two places only: storage, read
+// when a device attaches (after it registered), and the sequencer's commit
+// feed (sequencer/commit_feed.h), which publishes each conversation's records
+// in seq order and each user's in pts order. known_head moves only with
+// them, and read ranges (membership and mode changes) arrive in the same
+// records, so a stream never delivers past a change it has not applied yet.
+// Ranges carry a version (the seq that last changed them); whichever of the
+// two sources is newer wins.
+//
+// Sessions: one Device object per (user, device) lives while it is attached
+// or its sink is still being called; a reattach reuses it (a new
+// generation), so there is only ever one drain loop per device and a sink is
+// never entered twice at once. Sinks are called outside every lock.
+//
+// Lock order: Device::mu, then registry_mu_ or timers_mu_ (never the other
+// way); sequencer state locks (through HeadSource) may be taken under
+// Device::mu, and the sequencer never calls delivery while holding one.
 
 #ifndef PARLEY_LIB_DELIVERY_DELIVERY_MANAGER_H_
 #define PARLEY_LIB_DELIVERY_DELIVERY_MANAGER_H_
@@ -36,9 +50,11 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/btree_map.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "common/mutex.h"
 #include "log/log_codec.h"
+#include "sequencer/commit_feed.h"
 #include "parley/delivery.h"
 #include "parley/options.h"
 #include "parley/storage.h"
@@ -69,14 +85,15 @@ class DeliveryManager {
   size_t ProcessTimers();
   std::optional<Timestamp> NextTimerDue();
 
-  // Called after a commit, outside sequencer locks, in any order.
-  void OfferUser(UserId u, uint64_t pts,
-                 const std::shared_ptr<const LogEntry>& entry);
-  void OfferConversation(ConversationId c, uint64_t seq,
-                         const std::shared_ptr<const LogEntry>& entry);
-  // (u, c)'s read ranges changed in storage: online devices pick them up.
-  void RangesChanged(UserId u, ConversationId c);
-  // Whether anyone would receive an offer (to skip building entries).
+  // The commit feed: a committed record, once per queue it is in, in that
+  // queue's order (never concurrently for one conversation or one user).
+  // PublishConversation applies the record's range changes and, in read
+  // fan-out, offers the entry to the conversation's followers.
+  void PublishConversation(const FeedRecord& record);
+  // Applies `u`'s range change (if any) and offers the entry at `pts`
+  // (nonzero in write fan-out) to u's devices.
+  void PublishUser(UserId u, const FeedRecord& record, uint64_t pts);
+  // Whether any device of u is attached / follows c.
   bool AnyOnline(UserId u);
   bool AnyOnline(ConversationId c);
 
@@ -98,11 +115,16 @@ class DeliveryManager {
   uint64_t events() const { return events_.load(); }
 
  private:
+  // An entry waiting for (or in) delivery; shared by every device.
+  struct Pending {
+    std::shared_ptr<const LogEntry> entry;  // nullptr: nothing to deliver
+    uint64_t expiry = 0;                    // micros; 0 = never
+  };
   struct InFlight {
     uint64_t position;
     int64_t deadline;
     uint32_t attempt;
-    std::shared_ptr<const LogEntry> entry;
+    Pending item;
   };
   struct Stream {
     explicit Stream(StreamId s) : id(s) {}
@@ -111,43 +133,58 @@ class DeliveryManager {
     uint64_t sent = 0;
     uint64_t known_head = 0;
     std::vector<InFlight> inflight;  // ascending positions
-    // Entries offered or prefetched; nullptr = nothing to deliver there.
-    std::map<uint64_t, std::shared_ptr<const LogEntry>> early;
+    // Entries offered or prefetched.
+    std::map<uint64_t, Pending> early;
     std::vector<ReadRangeValue> ranges;  // kConversation streams only
+    uint64_t ranges_version = 0;         // seq that last changed `ranges`
   };
   using Outgoing = std::variant<Delivery, Event>;
   struct Device {
-    Device(UserId u, DeviceId d) : user(u), device(d), user_stream(StreamId::User()) {}
+    Device(UserId u, DeviceId d)
+        : user(u), device(d), user_stream(StreamId::User()) {}
     const UserId user;
     const DeviceId device;
+    // Bumped (under mu) by every attach and detach; a drain loop stops
+    // calling a sink of an older generation.
+    std::atomic<uint64_t> generation{0};
     Mutex mu;
     std::shared_ptr<DeliverySink> sink ABSL_GUARDED_BY(mu);
     bool attached ABSL_GUARDED_BY(mu) = false;
     bool pull ABSL_GUARDED_BY(mu) = false;  // a Sync page, not a session
+    bool registered ABSL_GUARDED_BY(mu) = false;  // in devices_
     size_t window ABSL_GUARDED_BY(mu) = 0;
     Stream user_stream ABSL_GUARDED_BY(mu);
+    // Read fan-out conversations with something left to deliver; the
+    // device follows exactly these (by_conversation_).
     absl::btree_map<uint64_t, Stream> conversations ABSL_GUARDED_BY(mu);
+    // Conversations known to be finished for this device: the version of
+    // the ranges that said so (older feed records are ignored).
+    absl::flat_hash_map<uint64_t, uint64_t> done_versions ABSL_GUARDED_BY(mu);
     size_t in_flight ABSL_GUARDED_BY(mu) = 0;
     std::vector<Outgoing> outbox ABSL_GUARDED_BY(mu);
     bool draining ABSL_GUARDED_BY(mu) = false;
     int64_t scheduled_due ABSL_GUARDED_BY(mu) = 0;
-    // While attaching: where Build() placed conversations it found finished,
-    // so the refresh after registration does not replay them.
-    std::map<uint64_t, uint64_t> attach_floor ABSL_GUARDED_BY(mu);
   };
   using DevicePtr = std::shared_ptr<Device>;
   using DeviceKey = std::pair<uint64_t, uint64_t>;  // user, device
 
-  // Loads positions and ranges and applies resets; `result` gets them.
-  absl::StatusOr<DevicePtr> Build(UserId u, DeviceId d,
-                                  const std::vector<StreamPosition>& from,
-                                  size_t window, AttachResult* result);
-  // Re-reads (u)'s ranges for `only` (or all if nullopt) into `d`.
-  absl::Status RefreshRanges(Device& d, std::optional<ConversationId> only)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
-  absl::Status RefreshHeads(Device& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
-  absl::StatusOr<std::vector<ReadRangeValue>> LoadRanges(UserId u,
-                                                         ConversationId c);
+  // Loads positions and ranges into `d` (fresh) and applies resets;
+  // `result` gets them. With `follow`, d is registered for the feed and
+  // follows the conversations it gets streams for.
+  absl::Status Build(const DevicePtr& d, const std::vector<StreamPosition>& from,
+                     AttachResult* result, bool follow)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(d->mu);
+  // Forgets every stream and delivery of `d` and stops following.
+  void ResetLocked(const DevicePtr& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d->mu);
+  // Applies ranges of (d.user, c) as of `version`.
+  void ApplyRangesLocked(const DevicePtr& d, ConversationId c,
+                         const std::vector<ReadRangeValue>& ranges,
+                         uint64_t version) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d->mu);
+  // Drops a conversation stream that has nothing left to deliver.
+  void MaybeFinishLocked(const DevicePtr& d, uint64_t c)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(d->mu);
+  void Follow(const DevicePtr& d, uint64_t c);
+  void Unfollow(const DevicePtr& d, uint64_t c);
 
   void Pump(Device& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
   bool PumpUser(Device& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
@@ -159,8 +196,7 @@ class DeliveryManager {
   absl::Status FetchConversation(Device& d, Stream& s, uint64_t from,
                                  uint64_t to)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
-  void Send(Device& d, Stream& s, uint64_t position,
-            std::shared_ptr<const LogEntry> entry)
+  void Send(Device& d, Stream& s, uint64_t position, Pending item)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
   void Schedule(Device& d, int64_t due) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
   // Forgets the device's timer (nothing left in flight).
@@ -176,6 +212,10 @@ class DeliveryManager {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
   absl::Status AckDetached(UserId u, DeviceId d, StreamId stream,
                            uint64_t position);
+  // Adds the receipt records (conversation -> delivered seq) that move up.
+  absl::Status PutDelivered(UserId u, DeviceId d,
+                            const std::map<uint64_t, uint64_t>& delivered,
+                            WriteBatch* batch);
 
   DevicePtr Find(UserId u, DeviceId d);
   std::vector<DevicePtr> DevicesOf(UserId u);
@@ -191,8 +231,10 @@ class DeliveryManager {
       ABSL_GUARDED_BY(registry_mu_);
   absl::flat_hash_map<uint64_t, std::vector<DevicePtr>> by_user_
       ABSL_GUARDED_BY(registry_mu_);
-  absl::flat_hash_map<uint64_t, std::vector<DevicePtr>> by_conversation_
-      ABSL_GUARDED_BY(registry_mu_);
+  // Followers of each read fan-out conversation, in device order (output
+  // never depends on hash order; insert and erase are O(log n)).
+  absl::flat_hash_map<uint64_t, absl::btree_map<DeviceKey, DevicePtr>>
+      by_conversation_ ABSL_GUARDED_BY(registry_mu_);
 
   Mutex timers_mu_;
   std::set<std::pair<int64_t, DeviceKey>> timers_ ABSL_GUARDED_BY(timers_mu_);

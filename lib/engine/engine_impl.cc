@@ -39,15 +39,32 @@ absl::Status NotMemberError(UserId u, ConversationId c) {
 
 }  // namespace
 
+// The engines whose calls the current thread is inside (a sink calling back
+// into the engine nests them). Per-thread bookkeeping only: it lets Close()
+// refuse to wait for the very call it is made from.
+namespace {
+std::vector<const EngineImpl*>& CallsOnThisThread() {
+  thread_local std::vector<const EngineImpl*> calls;
+  return calls;
+}
+}  // namespace
+
 class EngineImpl::OpGuard {
  public:
   explicit OpGuard(EngineImpl* e) : e_(e) {
     e_->active_ops_.fetch_add(1, std::memory_order_seq_cst);
     ok_ = !e_->closed_.load(std::memory_order_seq_cst);
-    if (!ok_) Leave();
+    if (!ok_) {
+      Leave();
+    } else {
+      CallsOnThisThread().push_back(e_);
+    }
   }
   ~OpGuard() {
-    if (ok_) Leave();
+    if (ok_) {
+      CallsOnThisThread().pop_back();
+      Leave();
+    }
   }
   absl::Status status() const {
     return ok_ ? absl::OkStatus()
@@ -213,6 +230,9 @@ std::string EngineImpl::MetaValueLocked(const ConversationState& st) const {
 absl::Status EngineImpl::Commit(
     ConversationState& st, GroupCommitter::Request& r, uint64_t seq,
     Fanout* f, std::optional<std::pair<UserId, uint64_t>> pending_read) {
+  // The feed learns of the reservation in reservation order: still under the
+  // conversation's and the users' locks.
+  if (f != nullptr) EnqueueFeedLocked(st, *f);
   if (options_.durability == Durability::kBuffered) {
     // Without an fsync to share, queueing costs more than it saves (each
     // hand-off is a futex sleep and wake-up): write while holding the locks,
@@ -233,7 +253,9 @@ absl::Status EngineImpl::Commit(
       }
       st.committed_seq = std::max(st.committed_seq, seq);
     } else {
-      // The optimistic state (seq, pts, members) is reloaded before use.
+      // Outcome unknown. No other write of these states can be in flight
+      // (buffered writes happen under their locks), so what storage holds
+      // is the truth: reload it before the next use.
       st.loaded = false;
       if (f != nullptr) {
         for (auto& u : f->locked) u->loaded = false;
@@ -244,6 +266,7 @@ absl::Status EngineImpl::Commit(
       for (auto& u : f->locked) u->mu.Unlock();
     }
     st.mu.Unlock();
+    if (f != nullptr) FinishFeed(st, *f, s.ok());
     return s;
   }
   r.epoch = st.epoch;
@@ -254,6 +277,9 @@ absl::Status EngineImpl::Commit(
   }
   st.mu.Unlock();
   absl::Status s = committer_.Await(&r);
+  // A failed group fails everything queued behind it and bumps the epoch:
+  // nothing of these states is in flight any more, and they reload from
+  // storage before their next use.
   if (s.ok() && f != nullptr) {
     size_t at = 0;
     for (const auto& [user, pts] : f->pts) {
@@ -264,7 +290,8 @@ absl::Status EngineImpl::Commit(
       u.committed_pts = std::max(u.committed_pts, pts);
     }
   }
-  if ((s.ok() && seq != 0) || pending_read) {
+  {
+    // Also wakes AwaitQuiescentLocked after a failure (the epoch moved).
     MutexLock lock(&st.mu);
     if (s.ok()) st.committed_seq = std::max(st.committed_seq, seq);
     if (pending_read) {
@@ -276,7 +303,41 @@ absl::Status EngineImpl::Commit(
   if (!s.ok()) {
     Log(LogLevel::kWarning, "storage write failed: " + s.ToString());
   }
+  // Heads first, then the feed: a device that registers and reads the heads
+  // either sees this commit in them or receives it from the feed.
+  if (f != nullptr) FinishFeed(st, *f, s.ok());
   return s;
+}
+
+void EngineImpl::EnqueueFeedLocked(ConversationState& st, Fanout& f) {
+  if (f.record == nullptr) return;
+  st.feed.Append(f.record);
+  const FeedRecord& rec = *f.record;
+  size_t at = 0;  // rec.pts and f.locked are both sorted by user
+  for (const auto& us : f.locked) {
+    while (at < rec.pts.size() && rec.pts[at].first < us->id) ++at;
+    const uint64_t pts =
+        at < rec.pts.size() && rec.pts[at].first == us->id ? rec.pts[at].second
+                                                           : 0;
+    if (pts != 0 || rec.RangesOf(us->id) != nullptr) {
+      us->feed.Append(f.record, pts);
+    }
+  }
+}
+
+void EngineImpl::FinishFeed(ConversationState& st, Fanout& f, bool ok) {
+  if (f.record == nullptr) return;
+  f.record->state.store(ok ? FeedRecord::kCommitted : FeedRecord::kFailed,
+                        std::memory_order_release);
+  st.feed.Drain([this](const FeedQueue::Item& item) {
+    delivery_.PublishConversation(*item.record);
+  });
+  for (const auto& us : f.locked) {
+    const UserId u = us->id;
+    us->feed.Drain([this, u](const FeedQueue::Item& item) {
+      delivery_.PublishUser(u, *item.record, item.pts);
+    });
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -286,38 +347,44 @@ absl::Status EngineImpl::LoadUserLocked(UserStreamState& us) {
   const uint64_t epoch = committer_.epoch();
   if (us.loaded && us.epoch == epoch) return absl::OkStatus();
   // The head is not written on every send (that would be one more record
-  // per member): it is the last key of the stream. If every entry expired
-  // and was compacted away, counting resumes above the highest position any
-  // device acked or was handed: positions no device holds may be reused, as
-  // nothing refers to them any more.
-  uint64_t pts = 0;
+  // per member): it is the stream's last key while that entry is live.
+  // Expiry is monotonic along a stream, so a live last entry means nothing
+  // after it was compacted away. Otherwise the stored limit is the floor:
+  // every position up to it may have been handed out, so counting resumes
+  // above it (a gap, never a reuse).
+  uint64_t last = 0;
+  uint64_t last_expiry = 0;
+  bool tail_live = false;
   {
     const std::string prefix = keys::UserPrefix(us.id);
     auto it = storage_->NewIterator(Space::kUserStream, prefix,
                                     PrefixSuccessor(prefix));
     it->SeekForPrev(keys::UserStreamKey(us.id, ~uint64_t{0}));
-    if (it->Valid()) pts = keys::PtsOfUserStreamKey(it->key());
-    PARLEY_RETURN_IF_ERROR(it->status());
-  }
-  {
-    const std::string prefix = keys::UserPrefix(us.id) + "D";
-    auto it = storage_->NewIterator(Space::kCursors, prefix,
-                                    PrefixSuccessor(prefix));
-    for (it->Seek(prefix); it->Valid(); it->Next()) {
-      std::string_view k = it->key();
-      // user "D" device "u"  or  user "D" device "s" 0
-      const bool user_cursor = k.size() == prefix.size() + 9 && k.back() == 'u';
-      const bool user_handed =
-          k.size() == prefix.size() + 17 && k[prefix.size() + 8] == 's' &&
-          DecodeFixed64BE(k.data() + prefix.size() + 9) == 0;
-      if (!user_cursor && !user_handed) continue;
-      uint64_t v;
-      PARLEY_RETURN_IF_ERROR(DecodeU64Value(it->value(), &v));
-      pts = std::max(pts, v);
+    if (it->Valid()) {
+      last = keys::PtsOfUserStreamKey(it->key());
+      if (it->value().size() < kExpiryPrefixBytes) {
+        return absl::DataLossError("corrupt update stream entry");
+      }
+      last_expiry = ExpiryOf(it->value());
+      tail_live = !IsExpired(it->value(), NowMicros(*clock_));
     }
     PARLEY_RETURN_IF_ERROR(it->status());
   }
+  uint64_t limit = 0;
+  {
+    std::string value;
+    absl::Status s =
+        storage_->Get(Space::kMeta, keys::PtsLimitKey(us.id), &value);
+    if (s.ok()) {
+      PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &limit));
+    } else if (!absl::IsNotFound(s)) {
+      return s;
+    }
+  }
+  const uint64_t pts = tail_live ? last : std::max(last, limit);
   us.assigned_pts = us.committed_pts = pts;
+  us.limit = std::max(limit, pts);
+  us.last_expiry = last_expiry;
   us.epoch = epoch;
   us.loaded = true;
   return absl::OkStatus();
@@ -377,13 +444,6 @@ absl::Status EngineImpl::LockUsers(const std::vector<UserId>& users,
   return absl::OkStatus();
 }
 
-uint64_t EngineImpl::AssignedPts(const Fanout& f, UserId u) const {
-  for (const auto& us : f.locked) {
-    if (us->id == u) return us->assigned_pts;
-  }
-  PARLEY_CHECK(false);
-  return 0;
-}
 
 void EngineImpl::FanOutOnWrite(const std::vector<UserId>& targets,
                                ConversationId c, Seq seq, uint64_t expiry,
@@ -396,47 +456,52 @@ void EngineImpl::FanOutOnWrite(const std::vector<UserId>& targets,
     PARLEY_CHECK(at < f->locked.size() && f->locked[at]->id == u);
     UserStreamState* us = f->locked[at].get();
     const uint64_t pts = ++us->assigned_pts;
+    if (pts > us->limit) {
+      us->limit = pts + kPtsBlock - 1;
+      value.clear();
+      PutFixed64BE(&value, us->limit);
+      batch->Put(Space::kMeta, keys::PtsLimitKey(u), value);
+    }
+    us->last_expiry = std::max(us->last_expiry, expiry);
     value.clear();
-    EncodeUserStreamValue(c, seq, expiry, &value);
+    EncodeUserStreamValue(c, seq, us->last_expiry, &value);
     batch->Put(Space::kUserStream, keys::UserStreamKey(u, pts), value);
     f->pts.emplace_back(u, pts);
   }
 }
 
-absl::Status EngineImpl::UpdateRanges(
-    UserId u, ConversationId c, Fanout* f, WriteBatch* batch,
-    const std::function<void(std::vector<ReadRangeValue>&)>& change) {
-  std::vector<ReadRangeValue> ranges;
-  std::string value;
-  absl::Status s =
-      storage_->Get(Space::kUserIndex, keys::UserIndexKey(u, c), &value);
-  if (s.ok()) {
-    PARLEY_RETURN_IF_ERROR(DecodeReadRanges(value, &ranges));
-  } else if (!absl::IsNotFound(s)) {
-    return s;
+absl::Status EngineImpl::ReadRangesForChange(const std::vector<UserId>& users,
+                                             ConversationId c, Fanout* f) {
+  f->ranges.clear();
+  f->ranges.reserve(users.size());
+  for (UserId u : users) {
+    std::vector<ReadRangeValue> ranges;
+    std::string value;
+    absl::Status s =
+        storage_->Get(Space::kUserIndex, keys::UserIndexKey(u, c), &value);
+    if (s.ok()) {
+      PARLEY_RETURN_IF_ERROR(DecodeReadRanges(value, &ranges));
+    } else if (!absl::IsNotFound(s)) {
+      return s;
+    }
+    f->ranges.emplace_back(u, std::move(ranges));
   }
-  change(ranges);
-  // An empty stretch (closed before it began) carries nothing.
-  ranges.erase(std::remove_if(ranges.begin(), ranges.end(),
-                              [](const ReadRangeValue& r) {
-                                return r.to != 0 && r.to < r.from;
-                              }),
-               ranges.end());
-  batch->Put(Space::kUserIndex, keys::UserIndexKey(u, c),
-             EncodeReadRanges(ranges));
-  f->ranges_changed.push_back(u);
   return absl::OkStatus();
 }
 
-void EngineImpl::Publish(ConversationId c, FanoutMode mode, const Fanout& f,
-                         const std::shared_ptr<const LogEntry>& entry) {
-  for (UserId u : f.ranges_changed) delivery_.RangesChanged(u, c);
-  if (mode == FanoutMode::kWrite) {
-    for (const auto& [u, pts] : f.pts) {
-      if (delivery_.AnyOnline(u)) delivery_.OfferUser(u, pts, entry);
-    }
-  } else if (delivery_.AnyOnline(c)) {
-    delivery_.OfferConversation(c, entry->seq.value(), entry);
+void EngineImpl::ApplyRangeChanges(
+    ConversationId c, Seq seq, Fanout* f, WriteBatch* batch,
+    const std::function<void(UserId, std::vector<ReadRangeValue>&)>& change) {
+  for (auto& [u, ranges] : f->ranges) {
+    change(u, ranges);
+    // An empty stretch (closed before it began) carries nothing.
+    ranges.erase(std::remove_if(ranges.begin(), ranges.end(),
+                                [](const ReadRangeValue& r) {
+                                  return r.to != 0 && r.to < r.from;
+                                }),
+                 ranges.end());
+    batch->Put(Space::kUserIndex, keys::UserIndexKey(u, c),
+               EncodeReadRanges(ranges, seq.value()));
   }
 }
 
@@ -491,30 +556,37 @@ absl::Status EngineImpl::CreateConversation(
 
   auto st = cache_.Acquire(q.id);
   st->mu.Lock();
-  absl::Status s = LoadLocked(*st);
-  if (!s.ok()) {
+  auto fail = [&](absl::Status s) {
     st->mu.Unlock();
     return s;
-  }
+  };
+  if (absl::Status s = LoadLocked(*st); !s.ok()) return fail(s);
   if (st->exists) {
-    st->mu.Unlock();
-    return absl::AlreadyExistsError(
-        absl::StrCat("conversation ", q.id.value(), " already exists"));
+    return fail(absl::AlreadyExistsError(
+        absl::StrCat("conversation ", q.id.value(), " already exists")));
   }
+  const FanoutMode mode = policy_->Choose(q.kind, members.size());
+  // Every fallible step comes before the reservation below.
+  Fanout f;
+  if (absl::Status ls = LockUsers(members, &f); !ls.ok()) return fail(ls);
+
+  // ---- Reserve: nothing below fails before Commit.
   const Timestamp now = clock_->Now();
-  LogEntry entry;
-  entry.kind = EntryKind::kCreated;
-  entry.id = ids_.Next(ToMicros(now) / 1000);
-  entry.server_time = now;
-  entry.sender = q.creator;
-  entry.subjects = members;
+  auto entry = std::make_shared<LogEntry>();
+  entry->conversation = q.id;
+  entry->seq = Seq(1);
+  entry->kind = EntryKind::kCreated;
+  entry->id = ids_.Next(ToMicros(now) / 1000);
+  entry->server_time = now;
+  entry->sender = q.creator;
+  entry->subjects = members;
 
   st->exists = true;
   st->kind = q.kind;
   st->retention_seconds = q.retention.count();
   st->created_micros = ToMicros(now);
   st->member_count = static_cast<uint32_t>(members.size());
-  st->mode = policy_->Choose(q.kind, members.size());
+  st->mode = mode;
   st->assigned_seq = 1;
   st->members.clear();
   st->members_cached = members.size() <= kMaxCachedMembers;
@@ -524,35 +596,23 @@ absl::Status EngineImpl::CreateConversation(
 
   GroupCommitter::Request r;
   const uint64_t expiry = RetentionExpiryLocked(*st, now);
-  Fanout f;
-  if (absl::Status ls = LockUsers(members, &f); !ls.ok()) {
-    st->loaded = false;  // undo the optimistic state above
-    st->mu.Unlock();
-    return ls;
-  }
-  if (st->mode == FanoutMode::kWrite) {
+  if (mode == FanoutMode::kWrite) {
     FanOutOnWrite(members, q.id, Seq(1), expiry, &f, &r.batch);
   } else {
-    for (UserId u : members) {
-      const uint64_t gate = AssignedPts(f, u);
-      absl::Status us = UpdateRanges(
-          u, q.id, &f, &r.batch, [&](std::vector<ReadRangeValue>& ranges) {
-            ranges.push_back({1, 0, gate});
-          });
-      if (!us.ok()) {
-        for (auto& l : f.locked) l->mu.Unlock();
-        st->loaded = false;
-        st->mu.Unlock();
-        return us;
-      }
-    }
+    // A new conversation has no ranges yet: no read needed.
+    for (UserId u : members) f.ranges.emplace_back(u, std::vector<ReadRangeValue>());
+    size_t at = 0;
+    ApplyRangeChanges(q.id, Seq(1), &f, &r.batch,
+                      [&](UserId, std::vector<ReadRangeValue>& ranges) {
+                        ranges.push_back({1, 0, f.locked[at++]->assigned_pts});
+                      });
   }
   std::string value;
-  EncodeLogValue(entry, expiry, &value);
+  EncodeLogValue(*entry, expiry, &value);
   r.batch.Put(Space::kLog, keys::LogKey(q.id, Seq(1)), value);
   value.clear();
   EncodeIndexValue(q.id, Seq(1), expiry, &value);
-  r.batch.Put(Space::kMessageIndex, keys::MessageIndexKey(entry.id), value);
+  r.batch.Put(Space::kMessageIndex, keys::MessageIndexKey(entry->id), value);
   const std::string member_value = EncodeMemberValue({{Seq(1), Seq()}});
   for (UserId u : members) {
     r.batch.Put(Space::kMembers, keys::MemberKey(q.id, u), member_value);
@@ -562,12 +622,8 @@ absl::Status EngineImpl::CreateConversation(
   std::string head;
   PutFixed64BE(&head, 1);
   r.batch.Put(Space::kMeta, keys::HeadKey(q.id), head);
-  const FanoutMode mode = st->mode;
-  PARLEY_RETURN_IF_ERROR(Commit(*st, r, 1, &f));
-  entry.conversation = q.id;
-  entry.seq = Seq(1);
-  Publish(q.id, mode, f, std::make_shared<const LogEntry>(std::move(entry)));
-  return absl::OkStatus();
+  f.record = MakeRecord(std::move(entry), mode, expiry, &f);
+  return Commit(*st, r, 1, &f);
 }
 
 absl::StatusOr<Seq> EngineImpl::AddMember(ConversationId c, UserId actor,
@@ -598,6 +654,11 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
     return fail(absl::FailedPreconditionError(
         "membership of a direct conversation is fixed"));
   }
+  // Membership records and read ranges are read back from storage below:
+  // let every write of this conversation still in flight land first.
+  if (absl::Status s = AwaitQuiescentLocked(*st); !s.ok()) return fail(s);
+
+  // ---- Read: every fallible step comes before the reservation.
   auto intervals = ReadIntervals(c, user);
   if (!intervals.ok()) return fail(intervals.status());
   const bool is_member =
@@ -614,27 +675,53 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
     return fail(Invalid(absl::StrCat("more than max_members (",
                                      options_.max_members, ") members")));
   }
-
   auto members_before = MembersLocked(*st);
   if (!members_before.ok()) return fail(members_before.status());
 
+  const uint32_t member_count = add ? st->member_count + 1 : st->member_count - 1;
+  const FanoutMode old_mode = st->mode;
+  const FanoutMode mode = policy_->Choose(st->kind, member_count);
+  // Who receives this entry, and whose read ranges change.
+  std::vector<UserId> everyone = *members_before;  // sorted
+  if (add) {
+    everyone.insert(std::lower_bound(everyone.begin(), everyone.end(), user),
+                    user);
+  }
+  // (The removed user is in members_before: it sees its own removal.)
+  std::vector<UserId> ranged;
+  if (old_mode != mode) {
+    ranged = everyone;
+  } else if (mode == FanoutMode::kRead) {
+    ranged = {user};
+  }
+  Fanout f;
+  if (absl::Status ls = LockUsers(mode == FanoutMode::kWrite ? everyone : ranged,
+                                  &f);
+      !ls.ok()) {
+    return fail(ls);
+  }
+  if (absl::Status rs = ReadRangesForChange(ranged, c, &f); !rs.ok()) {
+    UnlockUsers(&f);
+    return fail(rs);
+  }
+
+  // ---- Reserve: nothing below fails before Commit.
   const Timestamp now = clock_->Now();
   const Seq seq(++st->assigned_seq);
-  LogEntry entry;
-  entry.conversation = c;
-  entry.seq = seq;
-  entry.kind = add ? EntryKind::kMemberAdded : EntryKind::kMemberRemoved;
-  entry.id = ids_.Next(ToMicros(now) / 1000);
-  entry.server_time = now;
-  entry.sender = actor;
-  entry.subjects = {user};
+  auto entry = std::make_shared<LogEntry>();
+  entry->conversation = c;
+  entry->seq = seq;
+  entry->kind = add ? EntryKind::kMemberAdded : EntryKind::kMemberRemoved;
+  entry->id = ids_.Next(ToMicros(now) / 1000);
+  entry->server_time = now;
+  entry->sender = actor;
+  entry->subjects = {user};
   if (add) {
     intervals->push_back({seq, Seq()});
-    ++st->member_count;
   } else {
     intervals->back().left = seq;
-    --st->member_count;
   }
+  st->member_count = member_count;
   if (st->members_cached) {
     auto it = std::lower_bound(
         st->members.begin(), st->members.end(), user,
@@ -650,72 +737,54 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
       st->members.shrink_to_fit();
     }
   }
-  const FanoutMode old_mode = st->mode;
-  st->mode = policy_->Choose(st->kind, st->member_count);
-  const FanoutMode mode = st->mode;
-
-  // Who receives this entry, and whose read ranges change.
-  std::vector<UserId> everyone = *members_before;  // sorted
-  if (add) {
-    everyone.insert(std::lower_bound(everyone.begin(), everyone.end(), user),
-                    user);
-  }
-  // (The removed user is in members_before: it sees its own removal.)
-  std::vector<UserId> ranged;
-  if (old_mode != mode) {
-    ranged = everyone;
-  } else if (mode == FanoutMode::kRead) {
-    ranged = {user};
-  }
-  std::vector<UserId> lock_set =
-      mode == FanoutMode::kWrite ? everyone : ranged;
-  Fanout f;
-  auto undo = [&](absl::Status s) {
-    for (auto& l : f.locked) l->mu.Unlock();
-    f.locked.clear();
-    st->loaded = false;  // drop the optimistic changes above
-    return fail(s);
-  };
-  if (absl::Status ls = LockUsers(lock_set, &f); !ls.ok()) return undo(ls);
+  st->mode = mode;
 
   GroupCommitter::Request r;
   const uint64_t expiry = RetentionExpiryLocked(*st, now);
   if (mode == FanoutMode::kWrite) {
     FanOutOnWrite(everyone, c, seq, expiry, &f, &r.batch);
   }
-  for (UserId u : ranged) {
-    const uint64_t gate = AssignedPts(f, u);
-    absl::Status us = UpdateRanges(
-        u, c, &f, &r.batch, [&](std::vector<ReadRangeValue>& ranges) {
-          if (old_mode == FanoutMode::kWrite && mode == FanoutMode::kRead) {
-            // Switch to read fan-out at this seq; a removed user still gets
-            // its removal entry.
-            ranges.push_back({seq.value(),
-                              (!add && u == user) ? seq.value() : 0, gate});
-          } else if (old_mode == FanoutMode::kRead &&
-                     mode == FanoutMode::kWrite) {
-            // Switch to write fan-out: stretches end before this entry,
-            // which reaches everyone through their update streams.
-            for (auto& range : ranges) {
-              if (range.to == 0) range.to = seq.value() - 1;
-            }
-          } else if (add) {
-            ranges.push_back({seq.value(), 0, gate});
-          } else {
-            for (auto& range : ranges) {
-              if (range.to == 0) range.to = seq.value();
-            }
-          }
+  // Gates: the user-stream position each ranged user is at before this entry
+  // (f.locked holds exactly the ranged users, sorted, in read mode; all of
+  // everyone in write mode).
+  auto gate_of = [&](UserId u) {
+    auto it = std::lower_bound(
+        f.locked.begin(), f.locked.end(), u,
+        [](const std::shared_ptr<UserStreamState>& s, UserId x) {
+          return s->id < x;
         });
-    if (!us.ok()) return undo(us);
-  }
+    PARLEY_CHECK(it != f.locked.end() && (*it)->id == u);
+    return (*it)->assigned_pts;
+  };
+  ApplyRangeChanges(
+      c, seq, &f, &r.batch, [&](UserId u, std::vector<ReadRangeValue>& ranges) {
+        if (old_mode == FanoutMode::kWrite && mode == FanoutMode::kRead) {
+          // Switch to read fan-out at this seq; a removed user still gets
+          // its removal entry.
+          ranges.push_back(
+              {seq.value(), (!add && u == user) ? seq.value() : 0, gate_of(u)});
+        } else if (old_mode == FanoutMode::kRead &&
+                   mode == FanoutMode::kWrite) {
+          // Switch to write fan-out: stretches end before this entry,
+          // which reaches everyone through their update streams.
+          for (auto& range : ranges) {
+            if (range.to == 0) range.to = seq.value() - 1;
+          }
+        } else if (add) {
+          ranges.push_back({seq.value(), 0, gate_of(u)});
+        } else {
+          for (auto& range : ranges) {
+            if (range.to == 0) range.to = seq.value();
+          }
+        }
+      });
 
   std::string value;
-  EncodeLogValue(entry, expiry, &value);
+  EncodeLogValue(*entry, expiry, &value);
   r.batch.Put(Space::kLog, keys::LogKey(c, seq), value);
   value.clear();
   EncodeIndexValue(c, seq, expiry, &value);
-  r.batch.Put(Space::kMessageIndex, keys::MessageIndexKey(entry.id), value);
+  r.batch.Put(Space::kMessageIndex, keys::MessageIndexKey(entry->id), value);
   r.batch.Put(Space::kMembers, keys::MemberKey(c, user),
               EncodeMemberValue(*intervals));
   r.batch.Put(Space::kMeta, keys::ConversationMetaKey(c),
@@ -723,8 +792,14 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
   std::string head;
   PutFixed64BE(&head, seq.value());
   r.batch.Put(Space::kMeta, keys::HeadKey(c), head);
-  PARLEY_RETURN_IF_ERROR(Commit(*st, r, seq.value(), &f));
-  Publish(c, mode, f, std::make_shared<const LogEntry>(std::move(entry)));
+  ++st->membership_in_flight;
+  f.record = MakeRecord(std::move(entry), mode, expiry, &f);
+  absl::Status cs = Commit(*st, r, seq.value(), &f);
+  {
+    MutexLock lock(&st->mu);
+    --st->membership_in_flight;
+  }
+  PARLEY_RETURN_IF_ERROR(cs);
   return seq;
 }
 
@@ -868,26 +943,39 @@ absl::StatusOr<SendResult> EngineImpl::SendOwned(const SendRequest& q,
     if (!s.ok() && !absl::IsNotFound(s)) return s;
   }
 
-  // 2. The host's authorization hook, outside any engine lock.
-  if (options_.authorizer) {
-    PARLEY_RETURN_IF_ERROR(options_.authorizer->Authorize(q));
-  }
-
-  // 3. Membership, seq and id under the conversation's lock; the write is
-  // queued in seq order and awaited outside it (group commit).
+  // 2. Membership, then the host's authorization hook outside every engine
+  // lock (hooks.h: the authorizer runs after the membership check).
   auto st = cache_.Acquire(q.conversation);
   st->mu.Lock();
   auto fail = [&](absl::Status s) {
     st->mu.Unlock();
     return s;
   };
-  if (absl::Status s = LoadExistingLocked(*st); !s.ok()) return fail(s);
-  auto join = CurrentJoinLocked(*st, q.sender);
-  if (!join.ok()) return fail(join.status());
-  if (!join->has_value()) {
-    return fail(NotMemberError(q.sender, q.conversation));
+  auto check_member = [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::Status {
+    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+    if (!st->members_cached) {
+      // Membership is read from storage: let a change in flight land.
+      st->mu.Await([&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        return st->membership_in_flight == 0;
+      });
+      PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+    }
+    auto join = CurrentJoinLocked(*st, q.sender);
+    if (!join.ok()) return join.status();
+    if (!join->has_value()) return NotMemberError(q.sender, q.conversation);
+    return absl::OkStatus();
+  };
+  if (absl::Status s = check_member(); !s.ok()) return fail(s);
+  if (options_.authorizer) {
+    st->mu.Unlock();
+    PARLEY_RETURN_IF_ERROR(options_.authorizer->Authorize(q));
+    st->mu.Lock();
+    // Membership may have changed meanwhile.
+    if (absl::Status s = check_member(); !s.ok()) return fail(s);
   }
 
+  // 3. Seq, id and pts under the locks; the write is queued in seq order and
+  // awaited outside them (group commit). Fallible steps first.
   Fanout f;
   const FanoutMode mode = st->mode;
   if (mode == FanoutMode::kWrite) {
@@ -896,6 +984,7 @@ absl::StatusOr<SendResult> EngineImpl::SendOwned(const SendRequest& q,
     if (absl::Status ls = LockUsers(*members, &f); !ls.ok()) return fail(ls);
   }
 
+  // ---- Reserve: nothing below fails before Commit.
   const Timestamp now = clock_->Now();
   SendResult result;
   result.server_time = now;
@@ -930,31 +1019,52 @@ absl::StatusOr<SendResult> EngineImpl::SendOwned(const SendRequest& q,
     for (const auto& u : f.locked) targets.push_back(u->id);
     FanOutOnWrite(targets, q.conversation, result.seq, expiry, &f, &r.batch);
   }
+  auto entry = std::make_shared<LogEntry>();
+  entry->conversation = q.conversation;
+  entry->seq = result.seq;
+  entry->id = result.id;
+  entry->kind = EntryKind::kMessage;
+  entry->server_time = now;
+  entry->sender = q.sender;
+  entry->device = q.device;
+  entry->client_message_id.assign(q.client_message_id.data(),
+                                  q.client_message_id.size());
+  entry->payload.assign(q.payload.data(), q.payload.size());
+  entry->metadata = q.metadata;
+  f.record = MakeRecord(std::move(entry), mode, expiry, &f);
   PARLEY_RETURN_IF_ERROR(Commit(*st, r, result.seq.value(), &f,
                                 std::make_pair(q.sender, result.seq.value())));
-
-  bool online = false;
-  if (mode == FanoutMode::kWrite) {
-    for (const auto& [u, pts] : f.pts) online = online || delivery_.AnyOnline(u);
-  } else {
-    online = delivery_.AnyOnline(q.conversation);
-  }
-  if (online) {
-    auto entry = std::make_shared<LogEntry>();
-    entry->conversation = q.conversation;
-    entry->seq = result.seq;
-    entry->id = result.id;
-    entry->kind = EntryKind::kMessage;
-    entry->server_time = now;
-    entry->sender = q.sender;
-    entry->device = q.device;
-    entry->client_message_id.assign(q.client_message_id.data(),
-                                    q.client_message_id.size());
-    entry->payload.assign(q.payload.data(), q.payload.size());
-    entry->metadata = q.metadata;
-    Publish(q.conversation, mode, f, entry);
-  }
   return result;
+}
+
+std::shared_ptr<FeedRecord> EngineImpl::MakeRecord(
+    std::shared_ptr<const LogEntry> entry, FanoutMode mode,
+    uint64_t expiry_micros, Fanout* f) {
+  auto record = std::make_shared<FeedRecord>();
+  record->entry = std::move(entry);
+  record->mode = mode;
+  record->expiry_micros = expiry_micros;
+  record->pts = f->pts;
+  record->ranges = std::move(f->ranges);
+  f->ranges.clear();
+  return record;
+}
+
+void EngineImpl::UnlockUsers(Fanout* f) {
+  for (auto& u : f->locked) u->mu.Unlock();
+  f->locked.clear();
+}
+
+absl::Status EngineImpl::AwaitQuiescentLocked(ConversationState& st) {
+  while (st.committed_seq < st.assigned_seq) {
+    st.mu.Await([&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      return st.committed_seq >= st.assigned_seq ||
+             committer_.epoch() != st.epoch;
+    });
+    // After a failed write the state reloads (nothing is in flight then).
+    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(st));
+  }
+  return absl::OkStatus();
 }
 
 // ---------------------------------------------------------------------------
@@ -1378,6 +1488,13 @@ EngineStats EngineImpl::GetStats() {
 }
 
 absl::Status EngineImpl::Close() {
+  const auto& calls = CallsOnThisThread();
+  if (std::find(calls.begin(), calls.end(), this) != calls.end()) {
+    // It would wait for the call it is made from (a sink's caller).
+    return absl::FailedPreconditionError(
+        "Close called from inside an engine call (a DeliverySink callback); "
+        "call it once the callback has returned");
+  }
   std::shared_ptr<Storage> storage;
   {
     MutexLock lock(&ops_mu_);

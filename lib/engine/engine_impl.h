@@ -74,10 +74,14 @@ class EngineImpl final : public Engine, private HeadSource {
 
  private:
   // Users whose update streams were locked and given a pts for one entry.
+  // What one reservation holds beyond the conversation's lock.
   struct Fanout {
     std::vector<std::shared_ptr<UserStreamState>> locked;  // sorted, locked
     std::vector<std::pair<UserId, uint64_t>> pts;  // entries written
-    std::vector<UserId> ranges_changed;            // kUserIndex updated
+    // Read ranges of the users they change for: read before the
+    // reservation, changed by it (sorted by user).
+    std::vector<std::pair<UserId, std::vector<ReadRangeValue>>> ranges;
+    std::shared_ptr<FeedRecord> record;  // what the feed publishes
   };
 
   // HeadSource (for the delivery layer).
@@ -94,14 +98,27 @@ class EngineImpl final : public Engine, private HeadSource {
   // Records entry `seq` in the update streams of `targets` (already locked).
   void FanOutOnWrite(const std::vector<UserId>& targets, ConversationId c,
                      Seq seq, uint64_t expiry, Fanout* f, WriteBatch* batch);
-  // Read-modify-write of (u, c)'s read ranges into `batch`.
-  absl::Status UpdateRanges(
-      UserId u, ConversationId c, Fanout* f, WriteBatch* batch,
-      const std::function<void(std::vector<ReadRangeValue>&)>& change);
-  uint64_t AssignedPts(const Fanout& f, UserId u) const;
-  // After a successful commit: hand the entry to online devices.
-  void Publish(ConversationId c, FanoutMode mode, const Fanout& f,
-               const std::shared_ptr<const LogEntry>& entry);
+  // Reads the current read ranges of `users` (sorted) in c into f->ranges.
+  absl::Status ReadRangesForChange(const std::vector<UserId>& users,
+                                   ConversationId c, Fanout* f);
+  // Changes f->ranges as of entry `seq` and writes them into `batch`.
+  void ApplyRangeChanges(
+      ConversationId c, Seq seq, Fanout* f, WriteBatch* batch,
+      const std::function<void(UserId, std::vector<ReadRangeValue>&)>& change);
+  void UnlockUsers(Fanout* f);
+  std::shared_ptr<FeedRecord> MakeRecord(std::shared_ptr<const LogEntry> entry,
+                                         FanoutMode mode,
+                                         uint64_t expiry_micros, Fanout* f);
+  // Appends f->record to the feed queues (conversation and users), under
+  // the reservation's locks.
+  void EnqueueFeedLocked(ConversationState& st, Fanout& f)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(st.mu);
+  // Marks f->record finished and publishes what is ready, in order.
+  void FinishFeed(ConversationState& st, Fanout& f, bool ok);
+  // Waits until nothing of the conversation is in flight (kSync), so that
+  // storage reads of its records see every reservation.
+  absl::Status AwaitQuiescentLocked(ConversationState& st)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(st.mu);
   uint64_t PendingReadLocked(const ConversationState& st, UserId u) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(st.mu);
   absl::StatusOr<uint64_t> StoredRead(UserId u, ConversationId c);

@@ -3,6 +3,10 @@
 //
 //   kMeta         "c" conv              -> ConversationMeta
 //                 "h" conv              -> head seq (8 bytes)
+//                 "p" user              -> pts limit (8 bytes): the highest
+//                                          update-stream position that may
+//                                          have been handed out; reserved in
+//                                          blocks, never expires
 //   kLog          conv seq              -> expiry | LogRecord
 //   kMembers      conv user             -> MemberRecord
 //   kDedup        user device client_id -> expiry | DedupRecord
@@ -35,6 +39,12 @@ inline std::string ConversationMetaKey(ConversationId c) {
 inline std::string HeadKey(ConversationId c) {
   std::string k("h");
   PutFixed64BE(&k, c.value());
+  return k;
+}
+
+inline std::string PtsLimitKey(UserId u) {
+  std::string k("p");
+  PutFixed64BE(&k, u.value());
   return k;
 }
 

@@ -268,8 +268,10 @@ absl::Status DecodeIndexValue(std::string_view value, ConversationId* c,
   return absl::OkStatus();
 }
 
-std::string EncodeReadRanges(const std::vector<ReadRangeValue>& v) {
+std::string EncodeReadRanges(const std::vector<ReadRangeValue>& v,
+                             uint64_t as_of_seq) {
   records::UserConversation r;
+  r.set_as_of_seq(as_of_seq);
   for (const auto& range : v) {
     auto* out = r.add_ranges();
     out->set_from_seq(range.from);
@@ -280,11 +282,13 @@ std::string EncodeReadRanges(const std::vector<ReadRangeValue>& v) {
 }
 
 absl::Status DecodeReadRanges(std::string_view value,
-                              std::vector<ReadRangeValue>* v) {
+                              std::vector<ReadRangeValue>* v,
+                              uint64_t* as_of_seq) {
   records::UserConversation r;
   if (!r.ParseFromArray(value.data(), static_cast<int>(value.size()))) {
     return Corrupt("user conversation record");
   }
+  if (as_of_seq != nullptr) *as_of_seq = r.as_of_seq();
   v->clear();
   for (const auto& range : r.ranges()) {
     v->push_back({range.from_seq(), range.to_seq(), range.gate_pts()});

@@ -74,9 +74,13 @@ struct ReadRangeValue {
   friend bool operator==(const ReadRangeValue&,
                          const ReadRangeValue&) = default;
 };
-std::string EncodeReadRanges(const std::vector<ReadRangeValue>& v);
+// `as_of_seq` is the seq of the entry that last changed the ranges: delivery
+// orders what it learns from storage and from the commit feed by it.
+std::string EncodeReadRanges(const std::vector<ReadRangeValue>& v,
+                             uint64_t as_of_seq);
 absl::Status DecodeReadRanges(std::string_view value,
-                              std::vector<ReadRangeValue>* v);
+                              std::vector<ReadRangeValue>* v,
+                              uint64_t* as_of_seq = nullptr);
 
 // kUserStream value: expiry | conv | seq.
 void EncodeUserStreamValue(ConversationId c, Seq s, uint64_t expiry_micros,

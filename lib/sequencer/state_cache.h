@@ -22,6 +22,7 @@
 #include "common/mutex.h"
 #include "parley/delivery.h"
 #include "parley/types.h"
+#include "sequencer/commit_feed.h"
 
 namespace parley {
 
@@ -52,12 +53,21 @@ struct ConversationState {
   // never writes a lower value after a higher one).
   std::vector<std::pair<UserId, uint64_t>> pending_reads ABSL_GUARDED_BY(mu);
 
+  // Membership changes reserved but not yet committed (sends that read
+  // membership from storage wait for them).
+  int membership_in_flight ABSL_GUARDED_BY(mu) = 0;
+
+  // What was reserved here, published to delivery in seq order.
+  FeedQueue feed;
+
   // Intrusive LRU links, guarded by the owning shard's mutex.
   ConversationState* lru_prev = nullptr;
   ConversationState* lru_next = nullptr;
 };
 
 inline constexpr size_t kMaxCachedMembers = 1024;
+// Update-stream positions are reserved in storage this many at a time.
+inline constexpr uint64_t kPtsBlock = 4096;
 
 // The per-user update-stream counter (pts): the sequencer of fan-out on
 // write. Guarded like ConversationState.
@@ -70,6 +80,16 @@ struct UserStreamState {
   uint64_t epoch ABSL_GUARDED_BY(mu) = 0;
   uint64_t assigned_pts ABSL_GUARDED_BY(mu) = 0;
   uint64_t committed_pts ABSL_GUARDED_BY(mu) = 0;
+  // The stored pts limit (keys::PtsLimitKey): positions up to it may have
+  // been handed out. Raised in blocks in the batch that first passes it.
+  uint64_t limit ABSL_GUARDED_BY(mu) = 0;
+  // Expiry of the stream's last entry: entries get at least this expiry, so
+  // expiry is monotonic along the stream and compaction only ever drops a
+  // prefix of it.
+  uint64_t last_expiry ABSL_GUARDED_BY(mu) = 0;
+
+  // Records with a pts or a ranges change of this user, in pts order.
+  FeedQueue feed;
 
   UserStreamState* lru_prev = nullptr;
   UserStreamState* lru_next = nullptr;
@@ -80,13 +100,18 @@ struct UserStreamState {
 template <typename State>
 class StateCache {
  public:
+  // At most `capacity` idle states stay cached (states in use are never
+  // evicted, so the cache may exceed it while they are held).
   explicit StateCache(size_t capacity)
-      : per_shard_capacity_(std::max<size_t>(1, capacity / kShards)) {}
+      : shards_used_(static_cast<int>(
+            std::clamp<size_t>(capacity, 1, kShards))),
+        per_shard_capacity_(std::max<size_t>(1, capacity / shards_used_)) {}
 
   // The state of `id`, created unloaded if absent. Never fails.
   template <typename Id>
   std::shared_ptr<State> Acquire(Id id) {
-    Shard& s = shards_[(id.value() * 0x9e3779b97f4a7c15ull) >> 60];
+    Shard& s = shards_[((id.value() * 0x9e3779b97f4a7c15ull) >> 32) %
+                       static_cast<uint64_t>(shards_used_)];
     MutexLock lock(&s.mu);
     auto [it, inserted] = s.map.try_emplace(id.value());
     if (inserted) {
@@ -155,6 +180,7 @@ class StateCache {
     }
   }
 
+  const int shards_used_;
   const size_t per_shard_capacity_;
   Shard shards_[kShards];
 };

@@ -84,7 +84,7 @@ TEST_CASE(
   std::atomic<int> hook_count{0};
   Engine* engine = e.get();
   bob.Attach(*e, {}, [&](const Delivery& d) {
-    if (d.attempt != 1 || d.entry.seq.value() % 4 != 0) return;
+    if (d.attempt != 1 || d.entry->seq.value() % 4 != 0) return;
     const int n = hook_count++;
     if (n >= 5) return;
     const std::string id = "hook-" + std::to_string(n);
@@ -174,7 +174,7 @@ TEST_CASE(
     REQUIRE(ds.size() == 8);
     for (size_t i = 4; i < 8; ++i) {
       CHECK(ds[i].attempt == 2);
-      CHECK(ds[i].entry.seq.value() == i - 3);
+      CHECK(ds[i].entry->seq.value() == i - 3);
       CHECK(ds[i].position == ds[i - 4].position);
     }
   }
@@ -186,8 +186,8 @@ TEST_CASE(
   {
     const auto ds = stuck.sink().deliveries();
     REQUIRE(ds.size() == 10);
-    CHECK(ds[8].entry.seq == Seq(5));
-    CHECK(ds[9].entry.seq == Seq(6));
+    CHECK(ds[8].entry->seq == Seq(5));
+    CHECK(ds[9].entry->seq == Seq(6));
     CHECK(ds[8].attempt == 1);
     CHECK(ds[9].attempt == 1);
   }
@@ -198,7 +198,7 @@ TEST_CASE(
   // Every entry had exactly one first delivery.
   std::map<uint64_t, int> firsts;
   for (const auto& d : stuck.AllDeliveries()) {
-    if (d.attempt == 1) ++firsts[d.entry.seq.value()];
+    if (d.attempt == 1) ++firsts[d.entry->seq.value()];
   }
   CHECK(firsts.size() == head);
   for (const auto& [seq, n] : firsts) {
@@ -375,7 +375,7 @@ TEST_CASE(
     const auto all = bob.AllDeliveries();
     std::vector<uint64_t> after;
     for (size_t i = before; i < all.size(); ++i) {
-      after.push_back(all[i].entry.seq.value());
+      after.push_back(all[i].entry->seq.value());
     }
     INFO(testing::ToString(all));
     // The unacked 4..6 again, then the live ones; nothing acked comes back.
@@ -451,8 +451,8 @@ TEST_CASE(
     for (const auto& d : page->deliveries) {
       CHECK(d.user == kBob);
       CHECK(d.device == kPhone);
-      CHECK(d.entry.sender != kBob);
-      got[d.entry.conversation].push_back(d.entry.seq.value());
+      CHECK(d.entry->sender != kBob);
+      got[d.entry->conversation].push_back(d.entry->seq.value());
       uint64_t& f = from[d.stream];
       CHECK(d.position > f);
       f = d.position;
@@ -493,7 +493,7 @@ TEST_CASE(
   REQUIRE(page.ok());
   REQUIRE(page->deliveries.size() == 3);
   CHECK(page->more);
-  CHECK(page->deliveries[0].entry.seq == Seq(1));
+  CHECK(page->deliveries[0].entry->seq == Seq(1));
   const Delivery& last = page->deliveries.back();
   absl::Status ack = e->Ack(kBob, kPhone, last.stream, last.position);
   INFO("Ack after Sync: " << ack.ToString());
@@ -504,7 +504,7 @@ TEST_CASE(
   auto next = e->Sync(kBob, kPhone, {.limit = 10});
   REQUIRE(next.ok());
   std::vector<uint64_t> seqs;
-  for (const auto& d : next->deliveries) seqs.push_back(d.entry.seq.value());
+  for (const auto& d : next->deliveries) seqs.push_back(d.entry->seq.value());
   CHECK(seqs == Range(4, 6));
   CHECK_FALSE(next->more);
 }
@@ -531,7 +531,7 @@ TEST_CASE("a detached device cannot ack past what Sync handed it",
   auto next = e->Sync(kBob, kPhone, {.limit = 10});
   REQUIRE(next.ok());
   std::vector<uint64_t> seqs;
-  for (const auto& d : next->deliveries) seqs.push_back(d.entry.seq.value());
+  for (const auto& d : next->deliveries) seqs.push_back(d.entry->seq.value());
   CHECK(seqs == Range(1, 6));
 }
 
@@ -562,7 +562,7 @@ TEST_CASE(
   TestDevice bob(kBob, kPhone), alice_laptop(kAlice, kLaptop);
   bob.Attach(*e, {}, [&](const Delivery& d) {
     record(engine->Ack(d.user, d.device, d.stream, d.position));
-    if (d.entry.kind == EntryKind::kMessage && d.entry.sender == kAlice &&
+    if (d.entry->kind == EntryKind::kMessage && d.entry->sender == kAlice &&
         replies < 5) {
       const std::string id = "reply-" + std::to_string(replies++);
       record(engine
@@ -745,7 +745,7 @@ TEST_CASE(
   for (size_t a = 0; a < per.size(); ++a) {
     INFO("attachment " << a << ": " << testing::ToString(per[a]));
     for (size_t i = 1; i < per[a].size(); ++i) {
-      CHECK(per[a][i].entry.seq > per[a][i - 1].entry.seq);
+      CHECK(per[a][i].entry->seq > per[a][i - 1].entry->seq);
     }
   }
   const StreamId stream =

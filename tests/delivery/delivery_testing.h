@@ -37,7 +37,7 @@ inline std::string ToString(StreamId s) {
 inline std::string ToString(const Delivery& d) {
   std::ostringstream out;
   out << "{" << ToString(d.stream) << "@" << d.position << " c"
-      << d.entry.conversation.value() << "#" << d.entry.seq.value() << " a"
+      << d.entry->conversation.value() << "#" << d.entry->seq.value() << " a"
       << d.attempt << "}";
   return out.str();
 }
@@ -243,9 +243,9 @@ class TestDevice {
     std::vector<uint64_t> out;
     std::set<uint64_t> seen;
     for (const auto& d : AllDeliveries()) {
-      if (d.entry.conversation != c) continue;
-      if (seen.insert(d.entry.seq.value()).second) {
-        out.push_back(d.entry.seq.value());
+      if (d.entry->conversation != c) continue;
+      if (seen.insert(d.entry->seq.value()).second) {
+        out.push_back(d.entry->seq.value());
       }
     }
     return out;
@@ -254,7 +254,7 @@ class TestDevice {
   std::map<uint64_t, int> Counts(ConversationId c) const {
     std::map<uint64_t, int> counts;
     for (const auto& d : AllDeliveries()) {
-      if (d.entry.conversation == c) ++counts[d.entry.seq.value()];
+      if (d.entry->conversation == c) ++counts[d.entry->seq.value()];
     }
     return counts;
   }
@@ -280,23 +280,23 @@ inline void CheckWellFormed(const TestDevice& dev) {
     CHECK(d.user == dev.user());
     CHECK(d.device == dev.device());
     CHECK(d.attempt >= 1);
-    CHECK(d.entry.seq.valid());
+    CHECK(d.entry->seq.valid());
     if (d.stream.kind == StreamKind::kConversation) {
-      CHECK(d.stream.conversation == d.entry.conversation);
-      CHECK(d.position == d.entry.seq.value());
+      CHECK(d.stream.conversation == d.entry->conversation);
+      CHECK(d.position == d.entry->seq.value());
     } else {
       CHECK(d.stream.kind == StreamKind::kUser);
       CHECK(d.position > 0);
     }
     // The sending device never gets its own message.
-    if (d.entry.kind == EntryKind::kMessage && d.entry.sender == dev.user()) {
-      CHECK(d.entry.device != dev.device());
+    if (d.entry->kind == EntryKind::kMessage && d.entry->sender == dev.user()) {
+      CHECK(d.entry->device != dev.device());
     }
-    const uint64_t seq = d.entry.seq.value();
-    auto& s = seen[d.entry.conversation];
+    const uint64_t seq = d.entry->seq.value();
+    auto& s = seen[d.entry->conversation];
     if (!s.count(seq)) {
-      CHECK(seq > max_seq[d.entry.conversation]);  // no inversion
-      max_seq[d.entry.conversation] = seq;
+      CHECK(seq > max_seq[d.entry->conversation]);  // no inversion
+      max_seq[d.entry->conversation] = seq;
       s.insert(seq);
     }
   }

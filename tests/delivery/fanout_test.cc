@@ -283,8 +283,8 @@ TEST_CASE(
   {
     const auto ds = carol_phone.AllDeliveries();
     REQUIRE_FALSE(ds.empty());
-    CHECK(ds.back().entry.kind == EntryKind::kMemberRemoved);
-    CHECK(ds.back().entry.subjects == std::vector<UserId>{kCarol});
+    CHECK(ds.back().entry->kind == EntryKind::kMemberRemoved);
+    CHECK(ds.back().entry->subjects == std::vector<UserId>{kCarol});
   }
   // No ephemeral events reach a removed member, and she cannot send any.
   REQUIRE(
@@ -382,8 +382,8 @@ TEST_CASE("a new member's devices receive from the join entry on",
   {
     const auto ds = carol_phone.AllDeliveries();
     REQUIRE_FALSE(ds.empty());
-    CHECK(ds.front().entry.kind == EntryKind::kMemberAdded);
-    CHECK(ds.front().entry.subjects == std::vector<UserId>{kCarol});
+    CHECK(ds.front().entry->kind == EntryKind::kMemberAdded);
+    CHECK(ds.front().entry->subjects == std::vector<UserId>{kCarol});
   }
   SendMsg(*e, kBob, kLaptop, kRoom, "after 2");  // 6
   carol_laptop.Attach(*e);

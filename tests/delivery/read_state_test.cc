@@ -72,7 +72,7 @@ TEST_CASE(
   {
     const auto ds = carol.sink().deliveries();
     REQUIRE(ds.size() == 3);
-    REQUIRE(ds[0].entry.seq == Seq(1));
+    REQUIRE(ds[0].entry->seq == Seq(1));
     REQUIRE(e->Ack(kCarol, kPhone, ds[0].stream, ds[0].position).ok());
   }
 

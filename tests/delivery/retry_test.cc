@@ -59,8 +59,8 @@ TEST_CASE(
   REQUIRE(bob.sink().delivery_count() == 1);
   const Delivery first = bob.sink().deliveries()[0];
   CHECK(first.attempt == 1);
-  CHECK(first.entry.seq == Seq(2));
-  CHECK(first.entry.payload == "hello");
+  CHECK(first.entry->seq == Seq(2));
+  CHECK(first.entry->payload == "hello");
 
   // Intervals: 1 s, 2 s, then capped at 3 s.
   const std::vector<milliseconds> intervals{
@@ -85,9 +85,9 @@ TEST_CASE(
     CHECK(retry.attempt == attempt);
     CHECK(retry.stream == first.stream);
     CHECK(retry.position == first.position);
-    CHECK(retry.entry.seq == first.entry.seq);
-    CHECK(retry.entry.id == first.entry.id);
-    CHECK(retry.entry.payload == "hello");
+    CHECK(retry.entry->seq == first.entry->seq);
+    CHECK(retry.entry->id == first.entry->id);
+    CHECK(retry.entry->payload == "hello");
   }
   CHECK(e->GetStats().redeliveries == intervals.size());
 
@@ -195,8 +195,8 @@ TEST_CASE("a lost ack leads to a redelivery the device drops by seq",
   auto consume = [&] {
     const auto ds = bob.sink().deliveries();
     for (; consumed < ds.size(); ++consumed) {
-      if (applied_set.insert(ds[consumed].entry.seq.value()).second) {
-        applied.push_back(ds[consumed].entry.payload);
+      if (applied_set.insert(ds[consumed].entry->seq.value()).second) {
+        applied.push_back(ds[consumed].entry->payload);
       }
     }
   };
@@ -212,8 +212,8 @@ TEST_CASE("a lost ack leads to a redelivery the device drops by seq",
     for (int i = 0; i < 2; ++i) {
       CHECK(ds[2 + i].attempt == 2);
       CHECK(ds[2 + i].position == firsts[i].position);
-      CHECK(ds[2 + i].entry.seq == firsts[i].entry.seq);
-      CHECK(ds[2 + i].entry.id == firsts[i].entry.id);
+      CHECK(ds[2 + i].entry->seq == firsts[i].entry->seq);
+      CHECK(ds[2 + i].entry->id == firsts[i].entry->id);
     }
   }
   consume();
@@ -226,7 +226,7 @@ TEST_CASE("a lost ack leads to a redelivery the device drops by seq",
   {
     const auto ds = bob.sink().deliveries();
     REQUIRE(ds.size() == 5);
-    CHECK(ds[4].entry.seq == firsts[1].entry.seq);
+    CHECK(ds[4].entry->seq == firsts[1].entry->seq);
     CHECK(ds[4].attempt == 3);
   }
   consume();
@@ -271,7 +271,7 @@ TEST_CASE("reattaching redelivers everything unacked at once to the new sink",
 
   auto seqs_of = [](const RecordingSink& s) {
     std::vector<uint64_t> v;
-    for (const auto& d : s.deliveries()) v.push_back(d.entry.seq.value());
+    for (const auto& d : s.deliveries()) v.push_back(d.entry->seq.value());
     return v;
   };
 
@@ -316,10 +316,19 @@ TEST_CASE("delivery calls reject bad input with the documented codes",
         StatusCode::kInvalidArgument);
   CHECK(e->Attach(kBob, kPhone, nullptr, {}).status().code() ==
         StatusCode::kInvalidArgument);
-  AttachOptions past;
-  past.resume_from.push_back({StreamId::User(), 1000});
-  CHECK(e->Attach(kBob, kPhone, sink, past).status().code() ==
-        StatusCode::kInvalidArgument);
+  {
+    // Positions past the head (kept across a power loss that took the
+    // suffix back, say) are reset to the head, not refused.
+    AttachOptions past;
+    past.resume_from.push_back({StreamId::User(), 1000});
+    const DeviceId tablet(99);
+    auto attached = e->Attach(kBob, tablet, sink, past);
+    REQUIRE(attached.ok());
+    REQUIRE(attached->reset.size() == 1);
+    CHECK(attached->reset[0].stream == StreamId::User());
+    CHECK(attached->reset[0].position == 1);
+    REQUIRE(e->Detach(kBob, tablet).ok());
+  }
   CHECK(e->GetStats().attached_devices == 0);
 
   CHECK(e->Detach(kBob, kPhone).code() == StatusCode::kNotFound);

@@ -1100,8 +1100,8 @@ class Simulation {
     std::string line = "  ->";
     for (const Delivery& del : page->deliveries) {
       line += " " + Str(del.stream) + "@" + std::to_string(del.position) +
-              "=c" + std::to_string(del.entry.conversation.value()) + "#" +
-              std::to_string(del.entry.seq.value());
+              "=c" + std::to_string(del.entry->conversation.value()) + "#" +
+              std::to_string(del.entry->seq.value());
     }
     T(line + (page->more ? " (more)" : ""));
     // Replayed through the device's state: duplicates are fine (acks may
@@ -1110,8 +1110,8 @@ class Simulation {
     std::map<StreamId, uint64_t> last_pos;
     std::map<uint64_t, uint64_t> hi;
     for (const Delivery& del : page->deliveries) {
-      const uint64_t conv = del.entry.conversation.value();
-      const uint64_t seq = del.entry.seq.value();
+      const uint64_t conv = del.entry->conversation.value();
+      const uint64_t seq = del.entry->seq.value();
       CheckDeliveryBasics(d, del);
       auto lp = last_pos.find(del.stream);
       if (lp != last_pos.end() && del.position <= lp->second) {
@@ -1197,27 +1197,27 @@ class Simulation {
                       " (retries of acked deliveries must stop)");
     }
     if (del.stream.kind == StreamKind::kConversation &&
-        (del.stream.conversation != del.entry.conversation ||
-         del.position != del.entry.seq.value())) {
+        (del.stream.conversation != del.entry->conversation ||
+         del.position != del.entry->seq.value())) {
       Fail("contract", where + ": conversation stream position is not the " +
-                           "entry's seq: " + Describe(del.entry));
+                           "entry's seq: " + Describe(*del.entry));
     }
-    CheckEntry(del.entry, where);
-    const ModelConv& c = Conv(del.entry.conversation.value());
-    const uint64_t s = del.entry.seq.value();
+    CheckEntry(*del.entry, where);
+    const ModelConv& c = Conv(del.entry->conversation.value());
+    const uint64_t s = del.entry->seq.value();
     if (!c.Visible(d.user, s)) {
-      Fail("I7", where + ": " + Describe(del.entry) + " is outside u" +
+      Fail("I7", where + ": " + Describe(*del.entry) + " is outside u" +
                      std::to_string(d.user.value()) + "'s membership windows");
     }
     if (IsOwn(d, c, s)) {
       Fail("I4", where + ": the sending device got its own message " +
-                     Describe(del.entry));
+                     Describe(*del.entry));
     }
   }
 
   void Process(ModelDevice& d, const Delivery& del, bool faults) {
-    const uint64_t conv = del.entry.conversation.value();
-    const uint64_t seq = del.entry.seq.value();
+    const uint64_t conv = del.entry->conversation.value();
+    const uint64_t seq = del.entry->seq.value();
     std::string line = d.Name() + " <- " + Str(del.stream) + "@" +
                        std::to_string(del.position) + " c" +
                        std::to_string(conv) + "#" + std::to_string(seq);
@@ -1304,7 +1304,7 @@ class Simulation {
         Fail("contract", "a detached or replaced sink got " +
                              std::to_string(s->deliveries.size()) +
                              " deliveries, first " +
-                             Describe(s->deliveries.front().entry));
+                             Describe(*s->deliveries.front().entry));
       }
       s->events.clear();
     }
@@ -1676,7 +1676,7 @@ TEST_CASE("simulation finding: a new device starts at the heads after a "
   std::string got;
   for (const Delivery& d : sink->deliveries) {
     got += " " + Str(d.stream) + "@" + std::to_string(d.position) + "=#" +
-           std::to_string(d.entry.seq.value());
+           std::to_string(d.entry->seq.value());
   }
   INFO("deliveries to the new device:" << got);
   CHECK(sink->deliveries.empty());
@@ -1763,7 +1763,7 @@ TEST_CASE("simulation finding: an ack whose write failed can be retried",
     env.clock()->Advance(std::chrono::seconds(10));
     CHECK(e->ProcessTimers() == 1);
     REQUIRE(sink->deliveries.size() == 2);
-    CHECK(sink->deliveries[1].entry.payload == "hello");
+    CHECK(sink->deliveries[1].entry->payload == "hello");
     CHECK(sink->deliveries[1].position == d.position);
   }
 }

@@ -319,8 +319,10 @@ TEST_CASE("a reader never sees part of a batch", "[storage]") {
   CHECK(Read(storage, Space::kLog, "b") == std::to_string(kBatches));
 }
 
-TEST_CASE("iteration is in bytewise order and stays within [lower, upper)",
-          "[storage]") {
+TEST_CASE(
+    "iteration is in bytewise order from the lower bound up to but not "
+    "including the upper bound",
+    "[storage]") {
   PARLEY_FOR_EACH_BACKEND();
 
   // Big-endian keys sort numerically, including values with the top bit set
@@ -439,7 +441,7 @@ TEST_CASE("Seek and SeekForPrev land on the nearest key within the bounds",
   CHECK(it->status().ok());
 }
 
-TEST_CASE("an iterator sees the state of its creation, not later writes",
+TEST_CASE("an iterator sees the state at its creation and not later writes",
           "[storage]") {
   PARLEY_FOR_EACH_BACKEND();
 
@@ -467,7 +469,7 @@ TEST_CASE("an iterator sees the state of its creation, not later writes",
 
 TEST_CASE(
     "CompactAll drops records of expiring spaces once the clock passes "
-    "their expiry, and nothing else",
+    "their expiry and nothing else",
     "[storage][expiry]") {
   PARLEY_FOR_EACH_BACKEND();
 

@@ -28,7 +28,7 @@ namespace {
 
 // The only place that reads Delivery::entry (it becomes a
 // shared_ptr<const LogEntry>; then this line changes).
-const parley::LogEntry& EntryOf(const parley::Delivery& d) { return d.entry; }
+const parley::LogEntry& EntryOf(const parley::Delivery& d) { return *d.entry; }
 
 absl::StatusOr<std::unique_ptr<parley::Engine>> OpenEngine(
     const std::filesystem::path& dir, Durability durability) {

@@ -29,9 +29,13 @@
 //   FailedPrecondition the engine is closed, or the operation does not apply
 //                      to the conversation's state (e.g. adding to a direct
 //                      conversation)
-//   Unavailable        storage failed; nothing was stored; retry the call
+//   Unavailable        storage failed; the outcome is unknown (see below)
 //   DataLoss           a stored record is corrupt
-// A call that returns an error has changed nothing in storage.
+// A call that returns any error but Unavailable has changed nothing. An
+// Unavailable write may still have reached the medium (its write-ahead-log
+// record was written but the fsync failed, say) and come back after a
+// restart: retrying a Send with the same client message id is always safe
+// and returns the original result if it was stored.
 
 #ifndef PARLEY_ENGINE_H_
 #define PARLEY_ENGINE_H_

@@ -136,8 +136,7 @@ inline std::string Payload(uint64_t conversation, std::string_view cid) {
   return p;
 }
 
-// The entry of a delivery. Delivery::entry is about to become a
-// std::shared_ptr<const LogEntry>; this is the one place to change then.
+// The entry of a delivery (Delivery::entry is a shared, never-null pointer).
 inline const LogEntry& EntryOf(const Delivery& d) { return *d.entry; }
 
 inline char KindChar(StreamKind k) {

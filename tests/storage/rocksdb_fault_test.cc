@@ -731,6 +731,22 @@ TEST_CASE("rocksdb faults: RocksDB writes no LOG file and its lines go to the ho
   }
 }
 
+TEST_CASE("rocksdb faults: info log files left by earlier versions are cleaned up at open",
+          "[faults][storage]") {
+  FaultyDb db(15);
+  db.Open();
+  REQUIRE(db.Close().ok());
+  for (int i = 0; i < 6; ++i) {
+    std::ofstream(db.path() + "/LOG.old." + std::to_string(1000 + i)) << "x";
+  }
+  db.Open();
+  int old_logs = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(db.path())) {
+    if (entry.path().filename().string().rfind("LOG.old.", 0) == 0) ++old_logs;
+  }
+  CHECK(old_logs <= 2);
+}
+
 // ---------------------------------------------------------------------------
 // Random faults
 

@@ -28,6 +28,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "parley/clock.h"
+#include "parley/hooks.h"
 
 namespace parley {
 
@@ -121,8 +122,13 @@ class Storage {
   virtual ~Storage();
 
   // Applies all operations of `batch` atomically: after a crash either all or
-  // none are visible. Returns Unavailable if the medium failed (nothing of the
-  // batch is visible then), FailedPrecondition after Close().
+  // none are visible. Returns FailedPrecondition after Close(), and
+  // Unavailable if the medium failed. Unavailable means the outcome is
+  // unknown: the batch is not visible when Write returns, but it may have
+  // reached the log (for example a record written whose fsync failed) and
+  // become visible later — after the storage recovers from the error or is
+  // reopened — all of it or none of it, never a part. A caller retries with
+  // an operation that is safe to apply twice, or checks first.
   virtual absl::Status Write(const WriteBatch& batch,
                              const StorageWriteOptions& options) = 0;
 
@@ -138,7 +144,9 @@ class Storage {
   virtual std::unique_ptr<StorageIterator> NewIterator(
       Space space, std::string_view lower, std::string_view upper) = 0;
 
-  // Makes every acknowledged write durable (fsync of the log).
+  // Makes every acknowledged write durable (fsync of the log). Unavailable
+  // if the medium failed (nothing is known to be durable then beyond what
+  // earlier synced writes made durable), FailedPrecondition after Close().
   virtual absl::Status SyncWal() = 0;
 
   // Flushes and compacts everything now, dropping expired records of
@@ -150,7 +158,9 @@ class Storage {
   virtual uint64_t ApproximateSize(Space space) = 0;
 
   // Makes the log durable and releases resources. Further calls return
-  // FailedPrecondition. Idempotent. The engine never closes the storage it
+  // FailedPrecondition. Idempotent. Returns Unavailable if the log could not
+  // be made durable (the medium had failed); the storage is closed all the
+  // same. The engine never closes the storage it
   // was given (it only lets go of it), so a memory storage shared between
   // engine instances keeps its data.
   virtual absl::Status Close() = 0;
@@ -173,6 +183,26 @@ struct RocksDbStorageOptions {
   // SST files older than this are compacted even without write pressure, so
   // expired records are reclaimed on idle databases. Default: 1 day.
   std::chrono::seconds periodic_compaction{24 * 3600};
+  // Receives RocksDB's own log lines (flushes, compactions, errors),
+  // prefixed "rocksdb: ", from RocksDB's threads. RocksDB never writes a LOG
+  // file into `path` (its file logger aborts the process on a full disk in
+  // assertion-enabled builds such as Debian's). Pass the engine's logger to
+  // see both in one place. Default: nullptr = RocksDB's lines are dropped.
+  std::shared_ptr<Logger> logger;
+  // Least severe RocksDB line passed to `logger`. Default: kWarning.
+  LogLevel log_level = LogLevel::kWarning;
+  // What opening does with a damaged write-ahead log. The log's last record
+  // torn by a crash or power loss (cut short) is always dropped: it was
+  // never acknowledged as durable. A record that fails its checksum (a
+  // damaged medium; or garbage after a power loss on file systems that can
+  // leave it, such as ext4 with data=writeback):
+  //   false: Open returns DataLoss and changes nothing, so no acknowledged
+  //          write is dropped silently;
+  //   true:  Open recovers up to the damage and drops everything after it,
+  //          including later acknowledged writes (RocksDB's point-in-time
+  //          recovery) — to bring a damaged database back up on purpose.
+  // Default: false.
+  bool salvage_damaged_wal = false;
 
   // Returns InvalidArgument naming the bad field.
   absl::Status Validate() const;
@@ -180,8 +210,15 @@ struct RocksDbStorageOptions {
 
 // Opens (or creates) a RocksDB-backed storage. `clock` decides expiry in
 // compaction. Returns InvalidArgument for bad options, Unavailable if the
-// database cannot be opened (locked by another process, I/O error), DataLoss
-// if it is corrupt.
+// database cannot be opened (locked by another process, I/O error, a full
+// disk), DataLoss if it is corrupt (see salvage_damaged_wal).
+//
+// I/O errors: after a failed write RocksDB refuses writes until it
+// recovers. The storage recovers on a later Write/SyncWal call (resuming
+// RocksDB in place, or reopening the database when RocksDB cannot resume);
+// until then those calls return Unavailable. Reads keep working meanwhile.
+// Opening replays the write-ahead log without flushing it into new table
+// files, and makes what it replayed durable before returning.
 absl::StatusOr<std::unique_ptr<Storage>> OpenRocksDbStorage(
     const RocksDbStorageOptions& options, std::shared_ptr<Clock> clock);
 

@@ -518,7 +518,9 @@ class Checker {
     struct ConvState {
       uint64_t max = 0;
       size_t max_record = 0;
+      StreamId max_stream;
       std::map<uint64_t, uint64_t> epoch_of;  // seq -> connection it came on
+      std::map<uint64_t, StreamId> stream_of;  // seq -> stream it came on
     };
     struct DevState {
       uint64_t epoch = 0;
@@ -534,22 +536,32 @@ class Checker {
       if (e.seq > cs.max) {
         cs.max = e.seq;
         cs.max_record = i;
+        cs.max_stream = del.stream;
       } else if (seen == cs.epoch_of.end()) {
         Fail("I4", std::string(how) + " u" + S(user) + "/d" + S(device) +
                        " got c" + S(e.conv) + "#" + S(e.seq) + " (" +
                        Describe(del.stream) + "@" + S(del.position) +
-                       ") after #" + S(cs.max) +
-                       " had been delivered: seq order inverted",
+                       ") after #" + S(cs.max) + " (" +
+                       Describe(cs.max_stream) +
+                       ") had been delivered: seq order inverted" +
+                       (cs.max_stream.kind != del.stream.kind
+                            ? " across the user and conversation streams"
+                            : ""),
              {cs.max_record, i}, e.conv, device);
       } else if (del.attempt <= 1 && seen->second == d.epoch &&
                  d.attaching == 0) {
         Fail("I4", std::string(how) + " u" + S(user) + "/d" + S(device) +
                        " got c" + S(e.conv) + "#" + S(e.seq) + " (" +
                        Describe(del.stream) + "@" + S(del.position) +
-                       ") a second time on the same connection as attempt 1",
+                       ") a second time on the same connection as attempt 1" +
+                       (cs.stream_of[e.seq] != del.stream
+                            ? ", first through " + Describe(cs.stream_of[e.seq]) +
+                                  " (one entry through two streams)"
+                            : std::string()),
              {i}, e.conv, device);
       }
       cs.epoch_of[e.seq] = d.attaching > 0 ? kInTransition : d.epoch;
+      cs.stream_of[e.seq] = del.stream;
     };
     for (const auto& [i, at] : Timeline()) {
       const Record& r = h_[i];
@@ -753,7 +765,11 @@ class Checker {
       const Record& r = h_[i];
       if (!r.ok()) continue;
       if (r.call == Call::kMarkRead) {
-        rb[{r.user, r.conv}].push_back({r.end, r.position, i, "MarkRead"});
+        // Marking a seq outside the user's windows (before it joined) read
+        // is not a read position it can hold.
+        if (Visible(r.conv, r.user, r.position)) {
+          rb[{r.user, r.conv}].push_back({r.end, r.position, i, "MarkRead"});
+        }
       } else if (r.call == Call::kSend) {
         rb[{r.user, r.conv}].push_back({r.end, r.seq, i, "the user's own send"});
       } else if (r.call == Call::kReadState) {

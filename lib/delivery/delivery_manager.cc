@@ -339,7 +339,12 @@ void DeliveryManager::ApplyRangesLocked(const DevicePtr& d, ConversationId c,
   Stream& s =
       d->conversations.try_emplace(c.value(), StreamId::Conversation(c))
           .first->second;
-  s.acked = s.sent = s.known_head = ranges.back().from - 1;
+  // Everything before the newest stretch is done for the device, but its
+  // durable cursor may be behind (the previous stretch ended with entries
+  // that went through the user stream). acked = 0 makes the next ack write
+  // the cursor instead of being taken for a no-op.
+  s.acked = 0;
+  s.sent = s.known_head = ranges.back().from - 1;
   s.ranges = ranges;
   s.ranges_version = version;
   if (done != d->done_versions.end()) d->done_versions.erase(done);

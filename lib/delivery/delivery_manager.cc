@@ -317,6 +317,13 @@ void DeliveryManager::ResetLocked(const DevicePtr& d) {
   d->in_flight = 0;
 }
 
+void DeliveryManager::UnregisterLocked(const DevicePtr& d) {
+  d->registered = false;
+  MutexLock lock(&registry_mu_);
+  auto it = devices_.find(DeviceKey(d->user.value(), d->device.value()));
+  if (it != devices_.end() && it->second == d) devices_.erase(it);
+}
+
 void DeliveryManager::ApplyRangesLocked(const DevicePtr& d, ConversationId c,
                                         const std::vector<ReadRangeValue>& ranges,
                                         uint64_t version) {
@@ -400,12 +407,7 @@ absl::StatusOr<AttachResult> DeliveryManager::Attach(
     if (!s.ok()) {
       dev->attached = false;
       ResetLocked(dev);
-      if (!dev->draining) {
-        dev->registered = false;
-        MutexLock rlock(&registry_mu_);
-        auto it = devices_.find(DeviceKey(u.value(), d.value()));
-        if (it != devices_.end() && it->second == dev) devices_.erase(it);
-      }
+      if (!dev->draining) UnregisterLocked(dev);
       return s;
     }
     Pump(*dev);
@@ -424,10 +426,7 @@ absl::Status DeliveryManager::Detach(UserId u, DeviceId d) {
   dev->sink.reset();
   if (!dev->draining) {
     // (Otherwise the drain loop unregisters it when it is done.)
-    dev->registered = false;
-    MutexLock rlock(&registry_mu_);
-    auto it = devices_.find(DeviceKey(u.value(), d.value()));
-    if (it != devices_.end() && it->second == dev) devices_.erase(it);
+    UnregisterLocked(dev);
   }
   return absl::OkStatus();
 }
@@ -447,6 +446,14 @@ void DeliveryManager::DetachAll() {
 // ---------------------------------------------------------------------------
 // Pumping
 
+void DeliveryManager::DropPlaceholders(Stream& s,
+                                       const std::vector<uint64_t>& placed) {
+  for (uint64_t p : placed) {
+    auto e = s.early.find(p);
+    if (e != s.early.end() && e->second.entry == nullptr) s.early.erase(e);
+  }
+}
+
 absl::Status DeliveryManager::FetchUser(Device& d, uint64_t from) {
   Stream& us = d.user_stream;
   const uint64_t span = std::max<size_t>(d.window, 16);
@@ -462,12 +469,7 @@ absl::Status DeliveryManager::FetchUser(Device& d, uint64_t from) {
     if (us.early.try_emplace(p, Pending{}).second) placed.push_back(p);
   }
   absl::Status status = ReadUserRange(d, it.get(), from);
-  if (!status.ok()) {
-    for (uint64_t p : placed) {
-      auto e = us.early.find(p);
-      if (e != us.early.end() && e->second.entry == nullptr) us.early.erase(e);
-    }
-  }
+  if (!status.ok()) DropPlaceholders(us, placed);
   return status;
 }
 
@@ -518,13 +520,7 @@ absl::Status DeliveryManager::FetchConversation(Device& d, Stream& s,
     s.early[seq] = Pending{std::move(entry), ExpiryOf(it->value())};
   }
   if (status.ok()) status = it->status();
-  if (!status.ok()) {
-    // As in FetchUser: no placeholder survives a failed read.
-    for (uint64_t p : placed) {
-      auto e = s.early.find(p);
-      if (e != s.early.end() && e->second.entry == nullptr) s.early.erase(e);
-    }
-  }
+  if (!status.ok()) DropPlaceholders(s, placed);  // as in FetchUser
   return status;
 }
 
@@ -656,12 +652,7 @@ void DeliveryManager::Drain(const DevicePtr& d) {
     d->mu.Lock();
   }
   d->draining = false;
-  if (!d->attached && d->registered) {
-    d->registered = false;
-    MutexLock lock(&registry_mu_);
-    auto it = devices_.find(DeviceKey(d->user.value(), d->device.value()));
-    if (it != devices_.end() && it->second == d) devices_.erase(it);
-  }
+  if (!d->attached && d->registered) UnregisterLocked(d);
   d->mu.Unlock();
 }
 

@@ -180,6 +180,10 @@ class DeliveryManager {
   void ApplyRangesLocked(const DevicePtr& d, ConversationId c,
                          const std::vector<ReadRangeValue>& ranges,
                          uint64_t version) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d->mu);
+  // Takes d out of devices_ (if it is still the registered object).
+  void UnregisterLocked(const DevicePtr& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d->mu);
+  // Removes the "nothing to deliver here" placeholders a failed fetch put in.
+  static void DropPlaceholders(Stream& s, const std::vector<uint64_t>& placed);
   // Drops a conversation stream that has nothing left to deliver.
   void MaybeFinishLocked(const DevicePtr& d, uint64_t c)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(d->mu);

@@ -45,6 +45,7 @@
 #include <memory>
 #include <vector>
 
+#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "parley/delivery.h"
@@ -69,6 +70,9 @@ struct EngineStats {
   uint64_t resets = 0;              // streams reset for being too far behind
   uint64_t events = 0;              // ephemeral/receipt events handed to sinks
 };
+
+// Receives the outcome of Engine::SendAsync (see there).
+using SendCallback = absl::AnyInvocable<void(absl::StatusOr<SendResult>)>;
 
 class Engine {
  public:
@@ -118,6 +122,27 @@ class Engine {
   // InvalidArgument, NotFound, PermissionDenied, AlreadyExists (same client
   // id, other content), FailedPrecondition (closed), Unavailable.
   virtual absl::StatusOr<SendResult> Send(const SendRequest& request) = 0;
+
+  // Send without waiting for the write: `done` gets what Send would have
+  // returned, so a host keeps many sends in flight (one connection
+  // pipelining, an fsync in kSync never holding its thread). Sends in flight
+  // to one conversation share storage writes and fsyncs.
+  //
+  // What happens before SendAsync returns: validation, the dedup lookup,
+  // the membership check, the authorizer (Options::authorizer runs on the
+  // calling thread) and the seq assignment. So two SendAsync calls made one
+  // after the other from one thread to one conversation get increasing seqs.
+  // The request's strings may be freed as soon as SendAsync returns.
+  //
+  // Where `done` runs: on the calling thread, before SendAsync returns, when
+  // nothing is to be written (an error, or a retry answered from the dedup
+  // record); otherwise on the thread that wrote the message — the engine's
+  // commit thread, or another caller whose write carried it. Completions of
+  // different writes may run concurrently and out of call order (each result
+  // carries its seq). `done` must not block for long (it holds up the
+  // completions behind it); it may call the engine, but not Close(), which
+  // returns FailedPrecondition there. Close() waits for every `done`.
+  virtual void SendAsync(const SendRequest& request, SendCallback done) = 0;
 
   // A page of the conversation's log as `reader` may see it: only entries
   // inside the reader's membership windows, never expired ones.

@@ -96,7 +96,14 @@ EngineImpl::EngineImpl(Options options, MessageId id_floor)
       clock_(options_.clock),
       ids_(options_.node_id, id_floor),
       committer_(storage_.get(), options_.durability == Durability::kSync,
-                 options_.max_group_commit_sends),
+                 options_.max_group_commit_sends,
+                 // Completions run sinks and host callbacks: mark the
+                 // thread as inside this engine (Close refuses there).
+                 [this](const std::function<void()>& run) {
+                   CallsOnThisThread().push_back(this);
+                   run();
+                   CallsOnThisThread().pop_back();
+                 }),
       cache_(options_.max_cached_conversations),
       users_(options_.max_cached_user_streams),
       policy_(options_.fanout_policy
@@ -233,58 +240,63 @@ std::string EngineImpl::MetaValueLocked(const ConversationState& st) const {
 absl::Status EngineImpl::Commit(
     ConversationState& st, GroupCommitter::Request& r, uint64_t seq,
     Fanout* f, std::optional<std::pair<UserId, uint64_t>> pending_read) {
-  // The feed learns of the reservation in reservation order: still under the
-  // conversation's and the users' locks.
+  // The feed and the commit queue learn of the reservation in reservation
+  // order: still under the conversation's and the users' locks.
   if (f != nullptr) EnqueueFeedLocked(st, *f);
-  if (options_.durability == Durability::kBuffered) {
-    // Without an fsync to share, queueing costs more than it saves (each
-    // hand-off is a futex sleep and wake-up): write while holding the locks,
-    // which keeps seq and pts order by itself. RocksDB still merges
-    // concurrent writers from different conversations.
-    absl::Status s = storage_->Write(r.batch, {.sync = false});
-    direct_writes_.fetch_add(1, std::memory_order_relaxed);
-    if (s.ok()) {
-      if (f != nullptr) {
-        // f->pts follows f->locked's (sorted) order.
-        size_t at = 0;
-        for (const auto& [user, pts] : f->pts) {
-          while (at < f->locked.size() && f->locked[at]->id < user) ++at;
-          PARLEY_CHECK(at < f->locked.size());
-          f->locked[at]->committed_pts =
-              std::max(f->locked[at]->committed_pts, pts);
-        }
-      }
-      st.committed_seq = std::max(st.committed_seq, seq);
-    } else {
-      // Outcome unknown. No other write of these states can be in flight
-      // (buffered writes happen under their locks), so what storage holds
-      // is the truth: reload it before the next use.
-      st.loaded = false;
-      if (f != nullptr) {
-        for (auto& u : f->locked) u->loaded = false;
-      }
-      Log(LogLevel::kWarning, "storage write failed: " + s.ToString());
-    }
-    if (f != nullptr) {
-      for (auto& u : f->locked) u->mu.Unlock();
-    }
-    st.mu.Unlock();
-    if (f != nullptr) FinishFeed(st, *f, s.ok());
-    return s;
-  }
   r.epoch = st.epoch;
-  committer_.Enqueue(&r);
+  committer_.Enqueue(&r);  // a refused request is done: Await returns at once
   if (pending_read) st.pending_reads.push_back(*pending_read);
   if (f != nullptr) {
     for (auto& u : f->locked) u->mu.Unlock();
   }
   st.mu.Unlock();
   absl::Status s = committer_.Await(&r);
+  FinishCommit(st, seq, f, pending_read, s);
+  return s;
+}
+
+void EngineImpl::CommitAsync(
+    std::shared_ptr<ConversationState> st,
+    std::unique_ptr<GroupCommitter::Request> r, uint64_t seq, Fanout f,
+    std::optional<std::pair<UserId, uint64_t>> pending_read,
+    absl::AnyInvocable<void(absl::Status)> then) {
+  ConversationState* const state = st.get();
+  EnqueueFeedLocked(*state, f);
+  r->epoch = state->epoch;
+  if (pending_read) state->pending_reads.push_back(*pending_read);
+  // The completion owns the states from here; it cannot finish before the
+  // locks below are released (FinishCommit takes them), so the raw pointers
+  // stay valid while this thread unlocks.
+  std::vector<UserStreamState*> locked;
+  locked.reserve(f.locked.size());
+  for (auto& u : f.locked) locked.push_back(u.get());
+  r->on_done = [this, st = std::move(st), seq, f = std::move(f), pending_read,
+                then = std::move(then)](absl::Status s) mutable {
+    FinishCommit(*st, seq, &f, pending_read, s);
+    std::move(then)(std::move(s));
+  };
+  GroupCommitter::Request* const request = r.release();
+  const bool accepted = committer_.Enqueue(request);
+  for (UserStreamState* u : locked) u->mu.Unlock();
+  state->mu.Unlock();
+  if (!accepted) {
+    // Refused before anything was queued: complete it here.
+    auto done = std::move(request->on_done);
+    absl::Status s = std::move(request->status);
+    delete request;
+    std::move(done)(std::move(s));
+  }
+}
+
+void EngineImpl::FinishCommit(
+    ConversationState& st, uint64_t seq, Fanout* f,
+    std::optional<std::pair<UserId, uint64_t>> pending_read,
+    const absl::Status& s) {
   // A failed group fails everything queued behind it and bumps the epoch:
   // nothing of these states is in flight any more, and they reload from
   // storage before their next use.
   if (s.ok() && f != nullptr) {
-    size_t at = 0;
+    size_t at = 0;  // f->pts follows f->locked's (sorted) order
     for (const auto& [user, pts] : f->pts) {
       while (at < f->locked.size() && f->locked[at]->id < user) ++at;
       PARLEY_CHECK(at < f->locked.size());
@@ -309,7 +321,6 @@ absl::Status EngineImpl::Commit(
   // Heads first, then the feed: a device that registers and reads the heads
   // either sees this commit in them or receives it from the feed.
   if (f != nullptr) FinishFeed(st, *f, s.ok());
-  return s;
 }
 
 void EngineImpl::EnqueueFeedLocked(ConversationState& st, Fanout& f) {
@@ -915,7 +926,27 @@ absl::StatusOr<SendResult> EngineImpl::Send(const SendRequest& request) {
     dup.duplicate = true;
     return dup;
   }
-  absl::StatusOr<SendResult> result = SendOwned(request, hash, dedup_key);
+  absl::StatusOr<SendResult> result;
+  SendReservation rv;
+  if (std::optional<absl::StatusOr<SendResult>> answer =
+          ReserveSend(request, hash, dedup_key, &rv)) {
+    result = std::move(*answer);
+  } else {
+    absl::Status s =
+        Commit(*rv.st, *rv.request, rv.result.seq.value(), &rv.f,
+               std::make_pair(request.sender, rv.result.seq.value()));
+    if (s.ok()) {
+      result = rv.result;
+    } else {
+      result = std::move(s);
+    }
+  }
+  FinishSend(dedup_key, result);
+  return result;
+}
+
+void EngineImpl::FinishSend(const std::string& dedup_key,
+                            const absl::StatusOr<SendResult>& result) {
   if (result.ok()) {
     (result->duplicate ? sends_duplicate_ : sends_ok_)
         .fetch_add(1, std::memory_order_relaxed);
@@ -926,12 +957,96 @@ absl::StatusOr<SendResult> EngineImpl::Send(const SendRequest& request) {
     sends_rejected_.fetch_add(1, std::memory_order_relaxed);
   }
   inflight_.Finish(dedup_key, result);
-  return result;
 }
 
-absl::StatusOr<SendResult> EngineImpl::SendOwned(const SendRequest& q,
-                                                 uint64_t hash,
-                                                 const std::string& dkey) {
+// Keeps Close() waiting while an asynchronous send is unfinished.
+class EngineImpl::AsyncOp {
+ public:
+  explicit AsyncOp(EngineImpl* e) : e_(e) {
+    e_->active_ops_.fetch_add(1, std::memory_order_seq_cst);
+  }
+  ~AsyncOp() {
+    if (e_->active_ops_.fetch_sub(1, std::memory_order_seq_cst) == 1 &&
+        e_->closed_.load(std::memory_order_seq_cst)) {
+      MutexLock lock(&e_->ops_mu_);  // wakes Close()
+    }
+  }
+  AsyncOp(const AsyncOp&) = delete;
+  AsyncOp& operator=(const AsyncOp&) = delete;
+
+ private:
+  EngineImpl* const e_;
+};
+
+// A SendRequest that owns its strings (for a send that continues later).
+struct EngineImpl::OwnedSendRequest {
+  explicit OwnedSendRequest(const SendRequest& q)
+      : client_message_id(q.client_message_id),
+        payload(q.payload),
+        request(q) {
+    request.client_message_id = client_message_id;
+    request.payload = payload;
+  }
+  const std::string client_message_id;
+  const std::string payload;
+  SendRequest request;
+};
+
+void EngineImpl::SendAsync(const SendRequest& request, SendCallback done) {
+  OpGuard guard(this);
+  if (!guard.status().ok()) return std::move(done)(guard.status());
+  if (absl::Status s = ValidateSend(request); !s.ok()) {
+    sends_rejected_.fetch_add(1, std::memory_order_relaxed);
+    return std::move(done)(std::move(s));
+  }
+  const uint64_t hash = ContentHash(request);
+  StartSend(request, hash,
+            keys::DedupKey(request.sender, request.device,
+                           request.client_message_id),
+            std::make_shared<AsyncOp>(this), std::move(done));
+}
+
+void EngineImpl::StartSend(const SendRequest& q, uint64_t hash,
+                           std::string dedup_key, std::shared_ptr<AsyncOp> op,
+                           SendCallback done) {
+  std::shared_ptr<InflightSends::Outcome> original =
+      inflight_.Begin(dedup_key, hash);
+  if (original != nullptr) {
+    // The same client id is being stored right now. Once it is, start over:
+    // the stored dedup record (or, if it failed, nothing) decides.
+    auto owned = std::make_shared<OwnedSendRequest>(q);
+    inflight_.WhenDone(
+        original, [this, owned, hash, dedup_key = std::move(dedup_key),
+                   op = std::move(op), done = std::move(done)]() mutable {
+          StartSend(owned->request, hash, std::move(dedup_key), std::move(op),
+                    std::move(done));
+        });
+    return;
+  }
+  SendReservation rv;
+  if (std::optional<absl::StatusOr<SendResult>> answer =
+          ReserveSend(q, hash, dedup_key, &rv)) {
+    FinishSend(dedup_key, *answer);
+    std::move(done)(std::move(*answer));
+    return;
+  }
+  const uint64_t seq = rv.result.seq.value();
+  CommitAsync(std::move(rv.st), std::move(rv.request), seq, std::move(rv.f),
+              std::make_pair(q.sender, seq),
+              [this, result = rv.result, dedup_key = std::move(dedup_key),
+               op = std::move(op),
+               done = std::move(done)](absl::Status s) mutable {
+                absl::StatusOr<SendResult> out =
+                    s.ok() ? absl::StatusOr<SendResult>(result)
+                           : absl::StatusOr<SendResult>(std::move(s));
+                FinishSend(dedup_key, out);
+                std::move(done)(std::move(out));
+              });
+}
+
+std::optional<absl::StatusOr<SendResult>> EngineImpl::ReserveSend(
+    const SendRequest& q, uint64_t hash, const std::string& dkey,
+    SendReservation* out) {
   // 1. Deduplicate against what is stored.
   {
     std::string value;
@@ -943,18 +1058,20 @@ absl::StatusOr<SendResult> EngineImpl::SendOwned(const SendRequest& q,
         return absl::AlreadyExistsError(
             "client_message_id was already used with different content");
       }
-      return SendResult{d.id, d.seq, d.server_time, /*duplicate=*/true};
+      return absl::StatusOr<SendResult>(
+          SendResult{d.id, d.seq, d.server_time, /*duplicate=*/true});
     }
     if (!s.ok() && !absl::IsNotFound(s)) return s;
   }
 
   // 2. Membership, then the host's authorization hook outside every engine
   // lock (hooks.h: the authorizer runs after the membership check).
-  auto st = cache_.Acquire(q.conversation);
+  out->st = cache_.Acquire(q.conversation);
+  ConversationState* const st = out->st.get();
   st->mu.Lock();
-  auto fail = [&](absl::Status s) {
+  auto fail = [&](absl::Status s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
     st->mu.Unlock();
-    return s;
+    return absl::StatusOr<SendResult>(std::move(s));
   };
   auto check_member = [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::Status {
     PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
@@ -973,7 +1090,9 @@ absl::StatusOr<SendResult> EngineImpl::SendOwned(const SendRequest& q,
   if (absl::Status s = check_member(); !s.ok()) return fail(s);
   if (options_.authorizer) {
     st->mu.Unlock();
-    PARLEY_RETURN_IF_ERROR(options_.authorizer->Authorize(q));
+    if (absl::Status s = options_.authorizer->Authorize(q); !s.ok()) {
+      return absl::StatusOr<SendResult>(std::move(s));
+    }
     st->mu.Lock();
     // Membership may have changed meanwhile.
     if (absl::Status s = check_member(); !s.ok()) return fail(s);
@@ -981,7 +1100,7 @@ absl::StatusOr<SendResult> EngineImpl::SendOwned(const SendRequest& q,
 
   // 3. Seq, id and pts under the locks; the write is queued in seq order and
   // awaited outside them (group commit). Fallible steps first.
-  Fanout f;
+  Fanout& f = out->f;
   const FanoutMode mode = st->mode;
   if (mode == FanoutMode::kWrite) {
     auto members = MembersLocked(*st);
@@ -991,12 +1110,13 @@ absl::StatusOr<SendResult> EngineImpl::SendOwned(const SendRequest& q,
 
   // ---- Reserve: nothing below fails before Commit.
   const Timestamp now = clock_->Now();
-  SendResult result;
+  SendResult& result = out->result;
   result.server_time = now;
   result.id = ids_.Next(ToMicros(now) / 1000);
   result.seq = Seq(++st->assigned_seq);
 
-  GroupCommitter::Request r;
+  out->request = std::make_unique<GroupCommitter::Request>();
+  GroupCommitter::Request& r = *out->request;
   const uint64_t expiry = RetentionExpiryLocked(*st, now);
   std::string value;
   value.reserve(q.payload.size() + 64);
@@ -1037,9 +1157,7 @@ absl::StatusOr<SendResult> EngineImpl::SendOwned(const SendRequest& q,
   entry->payload.assign(q.payload.data(), q.payload.size());
   entry->metadata = q.metadata;
   f.record = MakeRecord(std::move(entry), mode, expiry, &f);
-  PARLEY_RETURN_IF_ERROR(Commit(*st, r, result.seq.value(), &f,
-                                std::make_pair(q.sender, result.seq.value())));
-  return result;
+  return std::nullopt;  // reserved: out->st->mu and the users stay locked
 }
 
 std::shared_ptr<FeedRecord> EngineImpl::MakeRecord(
@@ -1482,7 +1600,7 @@ EngineStats EngineImpl::GetStats() {
   s.sends_duplicate = sends_duplicate_.load(std::memory_order_relaxed);
   s.sends_rejected = sends_rejected_.load(std::memory_order_relaxed);
   s.sends_failed = sends_failed_.load(std::memory_order_relaxed);
-  s.storage_writes = committer_.writes() + direct_writes_.load();
+  s.storage_writes = committer_.writes();
   s.cached_conversations = cache_.size();
   s.conversation_loads = loads_.load(std::memory_order_relaxed);
   s.attached_devices = delivery_.attached();
@@ -1513,6 +1631,10 @@ absl::Status EngineImpl::Close() {
     delivery_.DetachAll();
     storage = std::move(storage_);
   }
+  // Every asynchronous send has completed (they count as calls): joins the
+  // commit thread. Outside ops_mu_: the last completion may still be
+  // leaving through it.
+  committer_.Stop();
   // Buffered writes become durable; the storage itself closes when its last
   // owner lets go (the host may hand it to a new engine).
   return storage->SyncWal();

@@ -38,6 +38,7 @@ class EngineImpl final : public Engine, private HeadSource {
   absl::StatusOr<std::vector<MembershipInterval>> Membership(
       ConversationId conversation, UserId user) override;
   absl::StatusOr<SendResult> Send(const SendRequest& request) override;
+  void SendAsync(const SendRequest& request, SendCallback done) override;
   absl::StatusOr<HistoryPage> ReadHistory(
       const HistoryRequest& request) override;
   absl::StatusOr<LogEntry> GetMessage(UserId reader, MessageId id) override;
@@ -115,7 +116,7 @@ class EngineImpl final : public Engine, private HeadSource {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(st.mu);
   // Marks f->record finished and publishes what is ready, in order.
   void FinishFeed(ConversationState& st, Fanout& f, bool ok);
-  // Waits until nothing of the conversation is in flight (kSync), so that
+  // Waits until nothing of the conversation is in flight, so that
   // storage reads of its records see every reservation.
   absl::Status AwaitQuiescentLocked(ConversationState& st)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(st.mu);
@@ -126,9 +127,31 @@ class EngineImpl final : public Engine, private HeadSource {
   // Counts an API call in progress; refuses calls after Close().
   class OpGuard;
 
+  class AsyncOp;
+  struct OwnedSendRequest;
+
+  // A send reserved and ready to commit.
+  struct SendReservation {
+    std::shared_ptr<ConversationState> st;  // st->mu held
+    std::unique_ptr<GroupCommitter::Request> request;
+    Fanout f;  // users locked for write fan-out, the feed record
+    SendResult result;
+  };
+
   absl::Status ValidateSend(const SendRequest& r) const;
-  absl::StatusOr<SendResult> SendOwned(const SendRequest& r, uint64_t hash,
-                                       const std::string& dedup_key);
+  // Everything of a send by the owner of its dedup key up to the commit:
+  // the dedup lookup, membership, the authorizer, then the reservation.
+  // Returns the answer when there is nothing to write (an error, or a
+  // duplicate found in storage); nullopt when *out is reserved (locked).
+  std::optional<absl::StatusOr<SendResult>> ReserveSend(
+      const SendRequest& q, uint64_t hash, const std::string& dedup_key,
+      SendReservation* out) ABSL_NO_THREAD_SAFETY_ANALYSIS;
+  // SendAsync from the dedup key on (again after a concurrent original).
+  void StartSend(const SendRequest& q, uint64_t hash, std::string dedup_key,
+                 std::shared_ptr<AsyncOp> op, SendCallback done);
+  // Counts the outcome and releases the dedup key.
+  void FinishSend(const std::string& dedup_key,
+                  const absl::StatusOr<SendResult>& result);
 
   // Makes `st` reflect storage as of the current commit epoch.
   absl::Status LoadLocked(ConversationState& st)
@@ -155,6 +178,19 @@ class EngineImpl final : public Engine, private HeadSource {
                       std::optional<std::pair<UserId, uint64_t>>
                           pending_read = std::nullopt)
       ABSL_UNLOCK_FUNCTION(st.mu);
+  // Commit without waiting: `then(status)` runs once the write is done (on
+  // the thread that wrote it), after the heads and the feed moved. Releases
+  // st->mu and the users locked in `f`. REQUIRES: f.record set.
+  void CommitAsync(std::shared_ptr<ConversationState> st,
+                   std::unique_ptr<GroupCommitter::Request> r, uint64_t seq,
+                   Fanout f,
+                   std::optional<std::pair<UserId, uint64_t>> pending_read,
+                   absl::AnyInvocable<void(absl::Status)> then)
+      ABSL_NO_THREAD_SAFETY_ANALYSIS;
+  // After a reservation's write: committed heads, pending reads, the feed.
+  void FinishCommit(ConversationState& st, uint64_t seq, Fanout* f,
+                    std::optional<std::pair<UserId, uint64_t>> pending_read,
+                    const absl::Status& s);
   uint64_t RetentionExpiryLocked(const ConversationState& st, Timestamp now)
       const ABSL_EXCLUSIVE_LOCKS_REQUIRED(st.mu);
   std::string MetaValueLocked(const ConversationState& st) const
@@ -185,7 +221,6 @@ class EngineImpl final : public Engine, private HeadSource {
   std::atomic<uint64_t> sends_rejected_{0};
   std::atomic<uint64_t> sends_failed_{0};
   std::atomic<uint64_t> loads_{0};
-  std::atomic<uint64_t> direct_writes_{0};  // kBuffered writes (no queue)
 };
 
 }  // namespace parley

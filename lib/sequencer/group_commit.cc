@@ -1,81 +1,164 @@
 #include "sequencer/group_commit.h"
 
-#include <vector>
+#include <utility>
 
 #include "common/check.h"
 
 namespace parley {
 
-GroupCommitter::GroupCommitter(Storage* storage, bool sync, size_t max_group)
-    : storage_(storage), sync_(sync), max_group_(max_group) {}
+namespace {
+constexpr char kEarlierFailed[] =
+    "an earlier storage write failed; nothing of this request was stored, "
+    "retry it";
+}  // namespace
 
-void GroupCommitter::Enqueue(Request* r) {
+GroupCommitter::GroupCommitter(
+    Storage* storage, bool sync, size_t max_group,
+    std::function<void(const std::function<void()>&)> around_completions)
+    : storage_(storage),
+      sync_(sync),
+      max_group_(max_group),
+      around_(std::move(around_completions)) {}
+
+GroupCommitter::~GroupCommitter() { Stop(); }
+
+bool GroupCommitter::Enqueue(Request* r) {
   MutexLock lock(&mu_);
   if (r->epoch != epoch_.load(std::memory_order_acquire)) {
     r->done = true;
-    r->status = absl::UnavailableError(
-        "an earlier storage write failed; nothing of this request was "
-        "stored, retry it");
-    return;
+    r->status = absl::UnavailableError(kEarlierFailed);
+    return false;
   }
   queue_.push_back(r);
+  if (r->on_done) {
+    PARLEY_CHECK(!stop_);  // the engine refuses calls after Close
+    ++async_queued_;
+    if (!writer_running_) {
+      writer_running_ = true;
+      writer_ = std::thread([this] { WriterLoop(); });
+    }
+  }
+  return true;
 }
 
 bool GroupCommitter::CanLead(Request* r) const {
   return !leader_active_ && !queue_.empty() && queue_.front() == r;
 }
 
-absl::Status GroupCommitter::Await(Request* r) {
-  MutexLock lock(&mu_);
-  auto ready = [this, r]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-    return r->done || CanLead(r);
-  };
-  while (true) {
-    mu_.Await(ready);
-    if (r->done) return r->status;
+void GroupCommitter::LeadLocked(std::vector<Request*>* finished) {
+  leader_active_ = true;
+  std::vector<Request*> group;
+  size_t bytes = 0;
+  while (!queue_.empty() && group.size() < max_group_ &&
+         (group.empty() || bytes < kMaxGroupBytes)) {
+    group.push_back(queue_.front());
+    bytes += queue_.front()->batch.ByteSize();
+    queue_.pop_front();
+  }
+  mu_.Unlock();
 
-    // Lead: take a group from the front of the queue, in order.
-    leader_active_ = true;
-    std::vector<Request*> group;
-    size_t bytes = 0;
-    while (!queue_.empty() && group.size() < max_group_ &&
-           (group.empty() || bytes < kMaxGroupBytes)) {
-      group.push_back(queue_.front());
-      bytes += queue_.front()->batch.ByteSize();
-      queue_.pop_front();
-    }
-    mu_.Unlock();
+  absl::Status status;
+  const StorageWriteOptions options{.sync = sync_};
+  if (group.size() == 1) {
+    status = storage_->Write(group[0]->batch, options);
+  } else {
+    WriteBatch merged;
+    for (Request* g : group) merged.Append(g->batch);
+    status = storage_->Write(merged, options);
+  }
+  writes_.fetch_add(1, std::memory_order_relaxed);
 
-    absl::Status status;
-    const StorageWriteOptions options{.sync = sync_};
-    if (group.size() == 1) {
-      status = storage_->Write(group[0]->batch, options);
+  mu_.Lock();
+  leader_active_ = false;
+  auto finish = [&](Request* g, const absl::Status& s)
+                    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    g->status = s;
+    if (g->on_done) {
+      --async_queued_;
+      finished->push_back(g);
     } else {
-      WriteBatch merged;
-      for (Request* g : group) merged.Append(g->batch);
-      status = storage_->Write(merged, options);
+      g->done = true;  // the waiter may free it from here on
     }
-    writes_.fetch_add(1, std::memory_order_relaxed);
+  };
+  for (Request* g : group) finish(g, status);
+  if (!status.ok()) {
+    // Nothing queued behind a failed write may be written: its seqs were
+    // assigned after the lost ones.
+    epoch_.fetch_add(1, std::memory_order_acq_rel);
+    const absl::Status behind = absl::UnavailableError(kEarlierFailed);
+    for (Request* q : queue_) finish(q, behind);
+    queue_.clear();
+  }
+  if (!finished->empty()) ++completing_;
+}
 
-    mu_.Lock();
-    leader_active_ = false;
-    for (Request* g : group) {
-      g->status = status;
-      g->done = true;
+void GroupCommitter::Complete(std::vector<Request*>* finished) {
+  if (finished->empty()) return;
+  auto run = [finished] {
+    for (Request* g : *finished) {
+      absl::AnyInvocable<void(absl::Status)> done = std::move(g->on_done);
+      absl::Status s = std::move(g->status);
+      delete g;
+      std::move(done)(std::move(s));
     }
-    if (!status.ok()) {
-      // Nothing queued behind a failed write may be written: its seqs were
-      // assigned after the lost ones.
-      epoch_.fetch_add(1, std::memory_order_acq_rel);
-      for (Request* q : queue_) {
-        q->status = absl::UnavailableError(
-            "an earlier storage write failed; nothing of this request was "
-            "stored, retry it");
-        q->done = true;
-      }
-      queue_.clear();
+  };
+  if (around_) {
+    around_(run);
+  } else {
+    run();
+  }
+  finished->clear();
+  MutexLock lock(&mu_);
+  --completing_;
+}
+
+absl::Status GroupCommitter::Await(Request* r) {
+  std::vector<Request*> finished;
+  {
+    MutexLock lock(&mu_);
+    auto ready = [this, r]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      return r->done || CanLead(r);
+    };
+    mu_.Await(ready);
+    if (!r->done) {
+      LeadLocked(&finished);  // the group holds r: it is done now
+      PARLEY_CHECK(r->done);
     }
   }
+  // Asynchronous requests that rode in this caller's group.
+  Complete(&finished);
+  return r->status;
+}
+
+void GroupCommitter::WriterLoop() {
+  std::vector<Request*> finished;
+  MutexLock lock(&mu_);
+  while (true) {
+    mu_.Await([this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      return (async_queued_ > 0 && !leader_active_) || stop_;
+    });
+    if (async_queued_ == 0) {
+      PARLEY_CHECK(stop_);
+      return;
+    }
+    LeadLocked(&finished);
+    mu_.Unlock();
+    Complete(&finished);
+    mu_.Lock();
+  }
+}
+
+void GroupCommitter::Stop() {
+  std::thread writer;
+  {
+    MutexLock lock(&mu_);
+    mu_.Await([this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      return async_queued_ == 0 && completing_ == 0;
+    });
+    stop_ = true;
+    writer = std::move(writer_);
+  }
+  if (writer.joinable()) writer.join();
 }
 
 }  // namespace parley

@@ -3,6 +3,7 @@
 // directly. Durability: Durability::kSync / kBuffered.
 
 #include <atomic>
+#include <condition_variable>
 #include <filesystem>
 #include <memory>
 #include <mutex>
@@ -63,22 +64,41 @@ class ParleySender final : public ChatSender {
     return absl::OkStatus();
   }
 
-  // ===== HOOK(async send) ==================================================
-  // Engine::Send is synchronous today: a thread has one send in flight, so
-  // parley's "pipelined" rows run 16 threads (peers_bench.cc,
-  // kParleyPipelinedThreads) and this falls back to one send at a time.
-  // When the asynchronous send lands, submit up to `window` sends here and
-  // fill (*out)[i] from each completion, as RedisSender/NatsSender do, and set
-  // kParleyPipelinedThreads to the peers' connection count.
-  // =========================================================================
-  absl::Status SendPipelined(const std::vector<Msg>& msgs, int /*window*/,
+  // Engine::SendAsync with up to `window` in flight, like a gateway
+  // connection pipelining its client's sends (RedisSender/NatsSender keep
+  // the same window on their connection).
+  absl::Status SendPipelined(const std::vector<Msg>& msgs, int window,
                              std::vector<SendOutcome>* out) override {
-    out->resize(msgs.size());
+    out->assign(msgs.size(), SendOutcome{});
+    std::mutex mu;
+    std::condition_variable cv;
+    size_t in_flight = 0;
+    absl::Status first_error;
     for (size_t i = 0; i < msgs.size(); ++i) {
-      absl::Status s = Send(msgs[i], &(*out)[i]);
-      if (!s.ok()) return s;
+      {
+        std::unique_lock lock(mu);
+        cv.wait(lock, [&] { return in_flight < static_cast<size_t>(window); });
+        ++in_flight;
+      }
+      const Msg& m = msgs[i];
+      engine_->SendAsync(
+          RequestOf(m), [&, i, conv = m.conv](
+                            absl::StatusOr<parley::SendResult> r) {
+            std::lock_guard lock(mu);
+            if (r.ok()) {
+              (*out)[i] = {.scope = conv,
+                           .seq = r->seq.value(),
+                           .duplicate = r->duplicate};
+            } else if (first_error.ok()) {
+              first_error = r.status();
+            }
+            --in_flight;
+            cv.notify_all();
+          });
     }
-    return absl::OkStatus();
+    std::unique_lock lock(mu);
+    cv.wait(lock, [&] { return in_flight == 0; });
+    return first_error;
   }
 
  private:

@@ -6,8 +6,7 @@
 // if they are wrong):
 //   hot      one conversation, per-conversation seq + dedup; 1/4/16 senders
 //            one send at a time each, and pipelined (32 in flight per
-//            connection for the peers; parley: 16 threads, Send is
-//            synchronous -- see HOOK(async send) in parley_peer.cc)
+//            connection; parley: Engine::SendAsync)
 //   zipf     100k conversations picked Zipf(0.99)
 //   acks     delivery + ack to 1,000 devices, per message and cumulative
 //   fanout   a 1,000-member group with 100 devices online
@@ -58,7 +57,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 constexpr int kWindow = 32;                  // peers: in flight per connection
-constexpr int kParleyPipelinedThreads = 16;  // see HOOK(async send)
 constexpr size_t kChunk = 256;               // pipelined messages per call
 constexpr size_t kPickRing = 1 << 16;        // Zipf picks per thread
 constexpr int kDedupSamplesPerThread = 8;
@@ -432,14 +430,8 @@ void RegisterSends(Workload w, const std::vector<int>& senders,
                  [sys, spec](benchmark::State& s) { SendCase(s, *sys, spec); });
       };
       for (int n : senders) add(n, false, absl::StrCat("senders:", n));
-      if (name == "parley") {
-        add(kParleyPipelinedThreads, true,
-            absl::StrCat("pipelined:", kParleyPipelinedThreads,
-                         "threads(sync Send)"));
-      } else {
-        for (int c : connections) {
-          add(c, true, absl::StrCat("pipelined:", c, "x", kWindow));
-        }
+      for (int c : connections) {
+        add(c, true, absl::StrCat("pipelined:", c, "x", kWindow));
       }
     }
   }

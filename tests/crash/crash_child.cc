@@ -3,10 +3,12 @@
 // crash_world.h for the world and the line protocol).
 //
 //   parley_crash_child --dir=DIR --durability=sync|buffered --generation=G
-//                      [--seed=S] [--senders=3] [--reattach=1] [--lie=0]
+//                      [--seed=S] [--senders=3] [--async_window=16]
+//                      [--reattach=1] [--lie=0]
 //
 // Threads: `senders` threads send to random conversations (client ids
-// deterministic per (generation, thread, counter)); one churn thread adds and
+// deterministic per (generation, thread, counter)), even ones with Send, odd
+// ones with up to async_window SendAsync calls in flight; one churn thread adds and
 // removes members now and then (and, with --reattach, reattaches a device);
 // one acker thread acks, cumulatively, what the devices' sinks received; the
 // main thread drives ProcessTimers. A line is written only after the engine
@@ -129,6 +131,7 @@ struct Flags {
   uint64_t generation = 0;
   uint64_t seed = 1;
   int senders = 3;
+  int async_window = 16;  // odd sender threads: SendAsync calls in flight
   bool reattach = true;
   // Test of the test: also report one acknowledged send that was never
   // stored, one with a wrong id, and one ack above what was acked.
@@ -157,6 +160,8 @@ bool ParseFlags(int argc, char** argv, Flags* f) {
       f->generation = std::strtoull(v, nullptr, 10);
     } else if (const char* v = value("seed")) {
       f->seed = std::strtoull(v, nullptr, 10);
+    } else if (const char* v = value("async_window")) {
+      f->async_window = std::atoi(v);
     } else if (const char* v = value("senders")) {
       f->senders = std::atoi(v);
     } else if (const char* v = value("reattach")) {
@@ -254,42 +259,69 @@ class Child {
     }
   }
 
+  // Even threads send one at a time (Send); odd ones keep up to
+  // --async_window sends in flight (SendAsync) and report each from its
+  // completion. Either way a SEND line follows an OK only.
   void Sender(int t) {
     std::mt19937_64 rng(flags_.seed * 1000003 + flags_.generation * 131 +
                         static_cast<uint64_t>(t));
     const DeviceId device(kSenderDeviceBase + static_cast<uint64_t>(t));
+    const bool async = t % 2 == 1 && flags_.async_window > 0;
+    std::mutex mu;
+    std::condition_variable cv;
+    int in_flight = 0;
     for (uint64_t n = 0;; ++n) {
       const ConversationSpec& c = convs_[rng() % convs_.size()];
       const uint64_t user = c.core[rng() % c.core.size()];
       const std::string cid =
           MakeCid(flags_.generation, static_cast<uint64_t>(t), n);
       const std::string payload = Payload(c.id, cid);
-      auto r = engine_->Send({.sender = UserId(user),
-                              .device = device,
-                              .conversation = ConversationId(c.id),
-                              .client_message_id = cid,
-                              .payload = payload});
-      if (!r.ok()) {
-        Err("send " + cid, r.status());
+      const SendRequest q{.sender = UserId(user),
+                          .device = device,
+                          .conversation = ConversationId(c.id),
+                          .client_message_id = cid,
+                          .payload = payload};
+      if (!async) {
+        Reported(c.id, user, device, cid, engine_->Send(q));
         continue;
       }
-      if (r->duplicate) {
-        Err("send " + cid, absl::InternalError("a fresh id was a duplicate"));
+      {
+        std::unique_lock lock(mu);
+        cv.wait(lock, [&] { return in_flight < flags_.async_window; });
+        ++in_flight;
       }
-      out_.Line("SEND " + std::to_string(c.id) + " " + std::to_string(user) +
-                " " + std::to_string(device.value()) + " " + cid + " " +
+      engine_->SendAsync(q, [&, id = c.id, user, device,
+                             cid](absl::StatusOr<SendResult> r) {
+        Reported(id, user, device, cid, r);
+        std::lock_guard lock(mu);
+        --in_flight;
+        cv.notify_all();
+      });
+    }
+  }
+
+  void Reported(uint64_t conv, uint64_t user, DeviceId device,
+                const std::string& cid, const absl::StatusOr<SendResult>& r) {
+    if (!r.ok()) {
+      Err("send " + cid, r.status());
+      return;
+    }
+    if (r->duplicate) {
+      Err("send " + cid, absl::InternalError("a fresh id was a duplicate"));
+    }
+    out_.Line("SEND " + std::to_string(conv) + " " + std::to_string(user) +
+              " " + std::to_string(device.value()) + " " + cid + " " +
+              std::to_string(r->seq.value()) + " " +
+              std::to_string(r->id.value()));
+    if (flags_.lie && !lied_send_.exchange(true)) {
+      const std::string fake = MakeCid(flags_.generation, 255, 0);
+      out_.Line("SEND " + std::to_string(conv) + " " + std::to_string(user) +
+                " " + std::to_string(device.value()) + " " + fake + " " +
+                std::to_string(uint64_t{1} << 30) + " 1");
+      out_.Line("SEND " + std::to_string(conv) + " " + std::to_string(user) +
+                " " + std::to_string(device.value()) + " " + fake + " " +
                 std::to_string(r->seq.value()) + " " +
-                std::to_string(r->id.value()));
-      if (flags_.lie && !lied_send_.exchange(true)) {
-        const std::string fake = MakeCid(flags_.generation, 255, 0);
-        out_.Line("SEND " + std::to_string(c.id) + " " + std::to_string(user) +
-                  " " + std::to_string(device.value()) + " " + fake + " " +
-                  std::to_string(uint64_t{1} << 30) + " 1");
-        out_.Line("SEND " + std::to_string(c.id) + " " + std::to_string(user) +
-                  " " + std::to_string(device.value()) + " " + fake + " " +
-                  std::to_string(r->seq.value()) + " " +
-                  std::to_string(r->id.value() + 1));
-      }
+                std::to_string(r->id.value() + 1));
     }
   }
 

@@ -29,9 +29,10 @@
 // generation), so there is only ever one drain loop per device and a sink is
 // never entered twice at once. Sinks are called outside every lock.
 //
-// Lock order: Device::mu, then registry_mu_ or timers_mu_ (never the other
-// way); sequencer state locks (through HeadSource) may be taken under
-// Device::mu, and the sequencer never calls delivery while holding one.
+// Lock order (all of parley's locks: docs/DESIGN.md, "Locks"): Device::mu,
+// then registry_mu_ or timers_mu_ (never the other way); sequencer state
+// locks (through HeadSource) may be taken under Device::mu, and the
+// sequencer never calls delivery while holding one.
 
 #ifndef PARLEY_LIB_DELIVERY_DELIVERY_MANAGER_H_
 #define PARLEY_LIB_DELIVERY_DELIVERY_MANAGER_H_

@@ -132,16 +132,20 @@ class Engine {
   // the membership check, the authorizer (Options::authorizer runs on the
   // calling thread) and the seq assignment. So two SendAsync calls made one
   // after the other from one thread to one conversation get increasing seqs.
-  // The request's strings may be freed as soon as SendAsync returns.
+  // The request's strings may be freed as soon as SendAsync returns. A retry
+  // made while its original is still in flight gets the original's result
+  // (duplicate = true) — or, if the original failed, the same Unavailable
+  // error, so retry it again.
   //
   // Where `done` runs: on the calling thread, before SendAsync returns, when
   // nothing is to be written (an error, or a retry answered from the dedup
   // record); otherwise on the thread that wrote the message — the engine's
   // commit thread, or another caller whose write carried it. Completions of
   // different writes may run concurrently and out of call order (each result
-  // carries its seq). `done` must not block for long (it holds up the
-  // completions behind it); it may call the engine, but not Close(), which
-  // returns FailedPrecondition there. Close() waits for every `done`.
+  // carries its seq). `done` should not block for long (it holds up the
+  // completions behind it); it may call the engine, Send included, but not
+  // Close(), which returns FailedPrecondition there. Close() waits for every
+  // `done`.
   virtual void SendAsync(const SendRequest& request, SendCallback done) = 0;
 
   // A page of the conversation's log as `reader` may see it: only entries

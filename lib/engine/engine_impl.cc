@@ -255,6 +255,15 @@ absl::Status EngineImpl::Commit(
   return s;
 }
 
+// What an asynchronous commit finishes after its write.
+struct EngineImpl::AsyncCommit {
+  std::shared_ptr<ConversationState> st;
+  uint64_t seq = 0;
+  Fanout f;
+  std::optional<std::pair<UserId, uint64_t>> pending_read;
+  absl::AnyInvocable<void(absl::Status)> then;
+};
+
 void EngineImpl::CommitAsync(
     std::shared_ptr<ConversationState> st,
     std::unique_ptr<GroupCommitter::Request> r, uint64_t seq, Fanout f,
@@ -265,15 +274,23 @@ void EngineImpl::CommitAsync(
   r->epoch = state->epoch;
   if (pending_read) state->pending_reads.push_back(*pending_read);
   // The completion owns the states from here; it cannot finish before the
-  // locks below are released (FinishCommit takes them), so the raw pointers
+  // locks below are released (FinishHeads takes them), so the raw pointers
   // stay valid while this thread unlocks.
   std::vector<UserStreamState*> locked;
   locked.reserve(f.locked.size());
   for (auto& u : f.locked) locked.push_back(u.get());
-  r->on_done = [this, st = std::move(st), seq, f = std::move(f), pending_read,
-                then = std::move(then)](absl::Status s) mutable {
-    FinishCommit(*st, seq, &f, pending_read, s);
-    std::move(then)(std::move(s));
+  auto c = std::make_shared<AsyncCommit>();
+  c->st = std::move(st);
+  c->seq = seq;
+  c->f = std::move(f);
+  c->pending_read = pending_read;
+  c->then = std::move(then);
+  r->on_written = [this, c](const absl::Status& s) {
+    FinishHeads(*c->st, c->seq, &c->f, c->pending_read, s);
+  };
+  r->on_done = [this, c](absl::Status s) {
+    FinishFeed(*c->st, c->f, s.ok());
+    std::move(c->then)(std::move(s));
   };
   GroupCommitter::Request* const request = r.release();
   const bool accepted = committer_.Enqueue(request);
@@ -281,14 +298,26 @@ void EngineImpl::CommitAsync(
   state->mu.Unlock();
   if (!accepted) {
     // Refused before anything was queued: complete it here.
-    auto done = std::move(request->on_done);
     absl::Status s = std::move(request->status);
+    auto written = std::move(request->on_written);
+    auto done = std::move(request->on_done);
     delete request;
+    written(s);
     std::move(done)(std::move(s));
   }
 }
 
 void EngineImpl::FinishCommit(
+    ConversationState& st, uint64_t seq, Fanout* f,
+    std::optional<std::pair<UserId, uint64_t>> pending_read,
+    const absl::Status& s) {
+  FinishHeads(st, seq, f, pending_read, s);
+  // Heads first, then the feed: a device that registers and reads the heads
+  // either sees this commit in them or receives it from the feed.
+  if (f != nullptr) FinishFeed(st, *f, s.ok());
+}
+
+void EngineImpl::FinishHeads(
     ConversationState& st, uint64_t seq, Fanout* f,
     std::optional<std::pair<UserId, uint64_t>> pending_read,
     const absl::Status& s) {
@@ -318,9 +347,6 @@ void EngineImpl::FinishCommit(
   if (!s.ok()) {
     Log(LogLevel::kWarning, "storage write failed: " + s.ToString());
   }
-  // Heads first, then the feed: a device that registers and reads the heads
-  // either sees this commit in them or receives it from the feed.
-  if (f != nullptr) FinishFeed(st, *f, s.ok());
 }
 
 void EngineImpl::EnqueueFeedLocked(ConversationState& st, Fanout& f) {
@@ -978,20 +1004,6 @@ class EngineImpl::AsyncOp {
   EngineImpl* const e_;
 };
 
-// A SendRequest that owns its strings (for a send that continues later).
-struct EngineImpl::OwnedSendRequest {
-  explicit OwnedSendRequest(const SendRequest& q)
-      : client_message_id(q.client_message_id),
-        payload(q.payload),
-        request(q) {
-    request.client_message_id = client_message_id;
-    request.payload = payload;
-  }
-  const std::string client_message_id;
-  const std::string payload;
-  SendRequest request;
-};
-
 void EngineImpl::SendAsync(const SendRequest& request, SendCallback done) {
   OpGuard guard(this);
   if (!guard.status().ok()) return std::move(done)(guard.status());
@@ -1012,15 +1024,26 @@ void EngineImpl::StartSend(const SendRequest& q, uint64_t hash,
   std::shared_ptr<InflightSends::Outcome> original =
       inflight_.Begin(dedup_key, hash);
   if (original != nullptr) {
-    // The same client id is being stored right now. Once it is, start over:
-    // the stored dedup record (or, if it failed, nothing) decides.
-    auto owned = std::make_shared<OwnedSendRequest>(q);
-    inflight_.WhenDone(
-        original, [this, owned, hash, dedup_key = std::move(dedup_key),
-                   op = std::move(op), done = std::move(done)]() mutable {
-          StartSend(owned->request, hash, std::move(dedup_key), std::move(op),
-                    std::move(done));
-        });
+    // The same client id is being stored right now: answer with its outcome
+    // once it is known, as Send does — except that a failed original is
+    // passed on (Unavailable: retry) instead of retried here, so the
+    // continuation never blocks the thread that finishes the original.
+    inflight_.WhenDone(original, [this, original, hash, op = std::move(op),
+                                  done = std::move(done)]() mutable {
+      absl::StatusOr<SendResult> r = original->result;
+      if (r.ok() && original->content_hash != hash) {
+        r = absl::AlreadyExistsError(
+            "client_message_id was already used with different content");
+      } else if (r.ok()) {
+        r->duplicate = true;
+      }
+      (r.ok() ? sends_duplicate_
+              : (absl::IsUnavailable(r.status()) || absl::IsDataLoss(r.status())
+                     ? sends_failed_
+                     : sends_rejected_))
+          .fetch_add(1, std::memory_order_relaxed);
+      std::move(done)(std::move(r));
+    });
     return;
   }
   SendReservation rv;
@@ -1180,6 +1203,11 @@ void EngineImpl::UnlockUsers(Fanout* f) {
 
 absl::Status EngineImpl::AwaitQuiescentLocked(ConversationState& st) {
   while (st.committed_seq < st.assigned_seq) {
+    // Write what is queued on this thread rather than wait for the commit
+    // thread, which may be blocked in a host callback meanwhile.
+    st.mu.Unlock();
+    committer_.Flush();
+    st.mu.Lock();
     st.mu.Await([&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
       return st.committed_seq >= st.assigned_seq ||
              committer_.epoch() != st.epoch;

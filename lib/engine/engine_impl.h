@@ -128,7 +128,6 @@ class EngineImpl final : public Engine, private HeadSource {
   class OpGuard;
 
   class AsyncOp;
-  struct OwnedSendRequest;
 
   // A send reserved and ready to commit.
   struct SendReservation {
@@ -146,7 +145,7 @@ class EngineImpl final : public Engine, private HeadSource {
   std::optional<absl::StatusOr<SendResult>> ReserveSend(
       const SendRequest& q, uint64_t hash, const std::string& dedup_key,
       SendReservation* out) ABSL_NO_THREAD_SAFETY_ANALYSIS;
-  // SendAsync from the dedup key on (again after a concurrent original).
+  // SendAsync from the dedup key on.
   void StartSend(const SendRequest& q, uint64_t hash, std::string dedup_key,
                  std::shared_ptr<AsyncOp> op, SendCallback done);
   // Counts the outcome and releases the dedup key.
@@ -187,8 +186,14 @@ class EngineImpl final : public Engine, private HeadSource {
                    std::optional<std::pair<UserId, uint64_t>> pending_read,
                    absl::AnyInvocable<void(absl::Status)> then)
       ABSL_NO_THREAD_SAFETY_ANALYSIS;
-  // After a reservation's write: committed heads, pending reads, the feed.
+  struct AsyncCommit;
+  // After a reservation's write: FinishHeads, then the feed.
   void FinishCommit(ConversationState& st, uint64_t seq, Fanout* f,
+                    std::optional<std::pair<UserId, uint64_t>> pending_read,
+                    const absl::Status& s);
+  // Committed seq and pts, pending reads. Never blocks on anything but the
+  // state locks.
+  void FinishHeads(ConversationState& st, uint64_t seq, Fanout* f,
                     std::optional<std::pair<UserId, uint64_t>> pending_read,
                     const absl::Status& s);
   uint64_t RetentionExpiryLocked(const ConversationState& st, Timestamp now)

@@ -41,10 +41,6 @@ bool GroupCommitter::Enqueue(Request* r) {
   return true;
 }
 
-bool GroupCommitter::CanLead(Request* r) const {
-  return !leader_active_ && !queue_.empty() && queue_.front() == r;
-}
-
 void GroupCommitter::LeadLocked(std::vector<Request*>* finished) {
   leader_active_ = true;
   std::vector<Request*> group;
@@ -95,6 +91,12 @@ void GroupCommitter::LeadLocked(std::vector<Request*>* finished) {
 void GroupCommitter::Complete(std::vector<Request*>* finished) {
   if (finished->empty()) return;
   auto run = [finished] {
+    // The engine's bookkeeping of the whole group before any host code: a
+    // callback that blocks cannot hold back the heads of the requests
+    // after it.
+    for (Request* g : *finished) {
+      if (g->on_written) std::move(g->on_written)(g->status);
+    }
     for (Request* g : *finished) {
       absl::AnyInvocable<void(absl::Status)> done = std::move(g->on_done);
       absl::Status s = std::move(g->status);
@@ -114,20 +116,37 @@ void GroupCommitter::Complete(std::vector<Request*>* finished) {
 
 absl::Status GroupCommitter::Await(Request* r) {
   std::vector<Request*> finished;
-  {
-    MutexLock lock(&mu_);
-    auto ready = [this, r]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      return r->done || CanLead(r);
-    };
-    mu_.Await(ready);
-    if (!r->done) {
-      LeadLocked(&finished);  // the group holds r: it is done now
-      PARLEY_CHECK(r->done);
+  MutexLock lock(&mu_);
+  while (true) {
+    mu_.Await([this, r]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      return r->done || (!leader_active_ && !queue_.empty());
+    });
+    if (r->done) return r->status;
+    // Lead the group at the front (r's, or one queued ahead of it).
+    LeadLocked(&finished);
+    if (!finished.empty()) {
+      mu_.Unlock();
+      Complete(&finished);  // asynchronous requests that rode along
+      mu_.Lock();
     }
   }
-  // Asynchronous requests that rode in this caller's group.
-  Complete(&finished);
-  return r->status;
+}
+
+void GroupCommitter::Flush() {
+  std::vector<Request*> finished;
+  MutexLock lock(&mu_);
+  while (true) {
+    mu_.Await([this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      return queue_.empty() || !leader_active_;
+    });
+    if (queue_.empty()) return;
+    LeadLocked(&finished);
+    if (!finished.empty()) {
+      mu_.Unlock();
+      Complete(&finished);
+      mu_.Lock();
+    }
+  }
 }
 
 void GroupCommitter::WriterLoop() {

@@ -13,12 +13,17 @@
 //     of the queue writes the next group itself (no hand-off to another
 //     thread: one sender alone pays no context switch).
 //   * asynchronous (on_done set): nobody waits. The committer owns it, and
-//     whoever writes it — a synchronous caller leading a group, or the
-//     committer's own writer thread, started on the first asynchronous
-//     request — runs on_done(status) after the write, outside every lock of
-//     the committer, then deletes it. Completions of different groups may
-//     run concurrently on different threads; within a group they run in
-//     queue order.
+//     whoever writes it — a synchronous caller leading a group, a Flush(), or
+//     the committer's own writer thread, started on the first asynchronous
+//     request — completes it after the write, outside every lock of the
+//     committer, then deletes it: first on_written(status) of every
+//     asynchronous request of the group (engine bookkeeping that never
+//     blocks), then on_done(status) of each in queue order (which may run
+//     host code). Completions of different groups may run concurrently on
+//     different threads.
+// Any synchronous waiter may lead when no one is writing (not only the one
+// at the front): a caller blocked inside a completion on the writer thread
+// never leaves the queue ahead of another caller unwritten.
 //
 // A failed write fails its whole group and everything queued behind it, and
 // bumps the epoch: cached sequencer state assigned under an older epoch must
@@ -52,7 +57,8 @@ class GroupCommitter {
     uint64_t epoch = 0;  // epoch() read when the batch's state was validated
     bool done = false;
     absl::Status status;
-    // Set: an asynchronous request (see above).
+    // Set: an asynchronous request (see above). on_written is optional.
+    absl::AnyInvocable<void(const absl::Status&)> on_written;
     absl::AnyInvocable<void(absl::Status)> on_done;
   };
 
@@ -78,6 +84,12 @@ class GroupCommitter {
   // group holding it on this thread. Returns r->status.
   absl::Status Await(Request* r);
 
+  // Writes everything queued now on this thread (leading groups as soon as
+  // no one else is writing) and runs the completions of the asynchronous
+  // requests it wrote. Returns when the queue is empty (a group another
+  // leader is writing may still be in flight). REQUIRES: no engine lock held.
+  void Flush();
+
   // Waits until no asynchronous request is queued or completing, then stops
   // the writer thread. Final: no asynchronous request may follow it.
   void Stop();
@@ -88,7 +100,6 @@ class GroupCommitter {
   // A group stops growing past this many bytes (one request always fits).
   static constexpr size_t kMaxGroupBytes = 4 << 20;
 
-  bool CanLead(Request* r) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Takes a group off the front, writes it, marks it done (failing the
   // queue behind a failed write) and returns with mu_ held again; the
   // asynchronous requests it finished are appended to `finished`.

@@ -15,6 +15,7 @@
 #include "common/mutex.h"
 #include "parley/engine.h"
 #include "testing/backends.h"
+#include "regression/regression_testing.h"
 #include "testing/faulty_storage.h"
 
 namespace parley::testing {
@@ -314,6 +315,81 @@ TEST_CASE("send async: several threads pipelining to one conversation get dense 
   CHECK(seqs.size() == kThreads * kPerThread);
   CHECK(*seqs.begin() == 2);
   CHECK(*seqs.rbegin() == kThreads * kPerThread + 1);
+}
+
+// A completion that calls Send while later asynchronous sends are queued
+// behind it: the synchronous caller (the commit thread itself) must be able
+// to write the queue ahead of its own request.
+TEST_CASE("send async: a completion may call Send while sends are queued behind it",
+          "[engine][async][concurrency]") {
+  Watchdog watchdog("completion calling Send", std::chrono::seconds(60));
+  Rig rig("rocksdb", Durability::kSync);
+  Results results;
+  rig.HoldWrites();
+  absl::StatusOr<SendResult> inner = absl::UnknownError("not called");
+  rig.engine->SendAsync(rig.Request("first", "1"),
+                        [&](absl::StatusOr<SendResult> r) {
+                          inner = rig.engine->Send(rig.Request("inner", "x"));
+                          results.Slot(0)(std::move(r));
+                        });
+  rig.pause.WaitArrived();
+  for (int i = 1; i <= 4; ++i) {
+    rig.engine->SendAsync(rig.Request("q" + std::to_string(i), "q"),
+                          results.Slot(i));
+  }
+  rig.pause.Release();
+  results.WaitFor(5);
+  REQUIRE(rig.engine->Close().ok());
+  auto got = results.Take();
+  for (int i = 0; i <= 4; ++i) {
+    INFO("send " << i);
+    REQUIRE(got.at(i).ok());
+    CHECK(got.at(i)->seq.value() == static_cast<uint64_t>(i + 2));
+  }
+  REQUIRE(inner.ok());
+  CHECK(inner->seq.value() == 7);  // queued behind the four
+}
+
+// A completion that blocks until a membership change of the same
+// conversation is done: the change waits for the sends in flight, which the
+// blocked commit thread cannot write, so the change writes them itself.
+TEST_CASE("send async: a membership change does not wait on a blocked completion",
+          "[engine][async][concurrency]") {
+  Watchdog watchdog("membership change behind a blocked completion",
+                    std::chrono::seconds(60));
+  Rig rig("rocksdb", Durability::kSync);
+  Results results;
+  rig.HoldWrites();
+  Pause added;  // released once AddMember returned
+  absl::StatusOr<Seq> add = absl::UnknownError("not called");
+  std::thread adder;
+  rig.engine->SendAsync(rig.Request("first", "1"),
+                        [&](absl::StatusOr<SendResult> r) {
+                          results.Slot(0)(std::move(r));
+                          added.Arrive();  // blocks the commit thread
+                        });
+  rig.pause.WaitArrived();
+  for (int i = 1; i <= 3; ++i) {
+    rig.engine->SendAsync(rig.Request("q" + std::to_string(i), "q"),
+                          results.Slot(i));
+  }
+  rig.pause.Release();
+  added.WaitArrived();  // the completion is blocked now
+  adder = std::thread([&] {
+    add = rig.engine->AddMember(kConv, kAlice, UserId(3));
+    added.Release();
+  });
+  adder.join();
+  results.WaitFor(4);
+  REQUIRE(rig.engine->Close().ok());
+  REQUIRE(add.ok());
+  CHECK(add->value() == 6);  // after the four sends (seqs 2..5)
+  auto got = results.Take();
+  for (int i = 0; i <= 3; ++i) {
+    INFO("send " << i);
+    REQUIRE(got.at(i).ok());
+    CHECK(got.at(i)->seq.value() == static_cast<uint64_t>(i + 2));
+  }
 }
 
 }  // namespace

@@ -6,9 +6,9 @@
 //
 // 1. fanout/<case>/<online|offline>/{parley,raw}
 //    parley  Engine::Send of a 200-byte payload to a conversation of N members
-//            (direct = 2; groups of 10, 100 (write fan-out by the default
-//            threshold), 1000, 10000 (read fan-out); 1000 also forced to write
-//            fan-out with a custom FanoutPolicy). "online": every 10th member
+//            (direct = 2; a group of 10 (write fan-out by the default
+//            threshold), 1000, 10000 (read fan-out); 100 and 1000 forced to
+//            write fan-out with a custom FanoutPolicy). "online": every 10th member
 //            (1, 10, 100, 1000 devices; the direct conversation's recipient)
 //            is attached with a sink that only counts. Every 128 sends the
 //            loop acks each online device's last delivery with the timer
@@ -36,7 +36,17 @@
 //    user's update-stream keys of the backlog and point-Gets each referenced
 //    log record (parley's access path); raw_log_scan iterates the 100
 //    conversations' log ranges of the same records.
-// 4. memory per attached device (after the table; --memory=false skips it).
+// 4. memory per attached device (after the tables; --memory=false skips it).
+// 5. sweep/g<N>/<write|read>/<online|offline>/parley
+//    The threshold sweep: as 1, for N = 10, 25, 50, 100, 250, each forced to
+//    write and to read fan-out. Reported as CPU per send and its ratio to the
+//    direct send's, with the cost per online delivery and per ack.
+// 6. catchup_groups/<write|read>/parley
+//    One user in 20 groups of 50 members, all forced to one mode; Attach +
+//    receiving 5000 pending entries (250 per group), acking each stream that
+//    moved whenever the window is full; then detach/reattach with nothing
+//    pending. Printed with 5 and a cost model that combines them (see
+//    PrintSweep and docs/PERFORMANCE.md).
 //
 // Extra flags: --memory=false, --memory_only, --deadlock_detection=false
 // (turns off Abseil's mutex deadlock detector, which Debian's Abseil build
@@ -426,7 +436,7 @@ struct FanoutCase {
 const FanoutCase kFanoutCases[] = {
     {"direct2", 2, std::nullopt, "write"},
     {"g10", 10, std::nullopt, "write"},
-    {"g100", 100, std::nullopt, "write"},
+    {"g100", 100, parley::FanoutMode::kWrite, "write"},
     {"g1000", 1000, std::nullopt, "read"},
     {"g1000", 1000, parley::FanoutMode::kWrite, "write"},
     {"g10000", 10000, std::nullopt, "read"},
@@ -1562,7 +1572,7 @@ void PrintTable(const Collector& results) {
               per_delivery("g10000/read", 1000).c_str(),
               per_delivery("g1000/read", 100).c_str(),
               per_delivery("g1000/write(forced)", 100).c_str(),
-              per_delivery("g100/write", 10).c_str());
+              per_delivery("g100/write(forced)", 10).c_str());
   std::printf("     1000 members, write vs read (us/send, 0 online): %s\n",
               ratio("g1000/write(forced)/offline", "g1000/read/offline").c_str());
 
@@ -1666,7 +1676,7 @@ void PrintSweep(const Collector& results) {
       "devices;\n   ack = CPU of one (untimed) cumulative ack of an online "
       "device.\n\n",
       FmtStat(direct_off, "%.1f").c_str(), FmtStat(direct_on, "%.1f").c_str());
-  std::printf("%-7s %-6s %15s %9s %15s %9s %4s %12s %9s\n", "members", "mode",
+  std::printf("%-7s %-6s %15s %9s %15s %9s %4s %12s %11s\n", "members", "mode",
               "offline us/m", "x direct", "online us/m", "x direct", "dev",
               "ns/delivery", "us/ack");
   struct Row {
@@ -1684,7 +1694,7 @@ void PrintSweep(const Collector& results) {
         row.devices > 0 ? (row.on.median - row.off.median) / row.devices * 1000
                         : 0;
     std::printf(
-        "%-7zu %-6s %15s %9s %15s %9s %4s %12s %9s\n", fc.members,
+        "%-7zu %-6s %15s %9s %15s %9s %4s %12s %11s\n", fc.members,
         fc.mode.c_str(), FmtStat(row.off, "%.1f").c_str(),
         Fmt(row.off.median > 0 && direct_off.median > 0
                 ? row.off.median / direct_off.median

@@ -6,9 +6,9 @@
 //
 // 1. fanout/<case>/<online|offline>/{parley,raw}
 //    parley  Engine::Send of a 200-byte payload to a conversation of N members
-//            (direct = 2; groups of 10, 100 (write fan-out by the default
-//            threshold), 1000, 10000 (read fan-out); 1000 also forced to write
-//            fan-out with a custom FanoutPolicy). "online": every 10th member
+//            (direct = 2; a group of 10 (write fan-out by the default
+//            threshold), 1000, 10000 (read fan-out); 100 and 1000 forced to
+//            write fan-out with a custom FanoutPolicy). "online": every 10th member
 //            (1, 10, 100, 1000 devices; the direct conversation's recipient)
 //            is attached with a sink that only counts. Every 128 sends the
 //            loop acks each online device's last delivery with the timer
@@ -36,7 +36,17 @@
 //    user's update-stream keys of the backlog and point-Gets each referenced
 //    log record (parley's access path); raw_log_scan iterates the 100
 //    conversations' log ranges of the same records.
-// 4. memory per attached device (after the table; --memory=false skips it).
+// 4. memory per attached device (after the tables; --memory=false skips it).
+// 5. sweep/g<N>/<write|read>/<online|offline>/parley
+//    The threshold sweep: as 1, for N = 10, 25, 50, 100, 250, each forced to
+//    write and to read fan-out. Reported as CPU per send and its ratio to the
+//    direct send's, with the cost per online delivery and per ack.
+// 6. catchup_groups/<write|read>/parley
+//    One user in 20 groups of 50 members, all forced to one mode; Attach +
+//    receiving 5000 pending entries (250 per group), acking each stream that
+//    moved whenever the window is full; then detach/reattach with nothing
+//    pending. Printed with 5 and a cost model that combines them (see
+//    PrintSweep and docs/PERFORMANCE.md).
 //
 // Extra flags: --memory=false, --memory_only, --deadlock_detection=false
 // (turns off Abseil's mutex deadlock detector, which Debian's Abseil build
@@ -103,6 +113,12 @@ constexpr int kAckEvery = 128;  // fan-out: sends between (untimed) acks
 void Check(const absl::Status& s, std::string_view what) {
   if (!s.ok()) Die(what, s);
 }
+
+#define PARLEY_BENCH_RETURN_IF_ERROR(expr) \
+  do {                                     \
+    absl::Status _s = (expr);              \
+    if (!_s.ok()) return _s;               \
+  } while (0)
 
 void CheckRocks(const rocksdb::Status& s, std::string_view what) {
   if (!s.ok()) Die(what, absl::InternalError(s.ToString()));
@@ -414,20 +430,41 @@ struct FanoutCase {
   size_t members;       // 2 = direct conversation
   std::optional<parley::FanoutMode> forced;  // nullopt = default policy
   std::string mode;     // "write" / "read" (what the engine should choose)
+  bool sweep = false;   // part of the threshold sweep (workload 5)
 };
 
 const FanoutCase kFanoutCases[] = {
     {"direct2", 2, std::nullopt, "write"},
     {"g10", 10, std::nullopt, "write"},
-    {"g100", 100, std::nullopt, "write"},
+    {"g100", 100, parley::FanoutMode::kWrite, "write"},
     {"g1000", 1000, std::nullopt, "read"},
     {"g1000", 1000, parley::FanoutMode::kWrite, "write"},
     {"g10000", 10000, std::nullopt, "read"},
 };
 
+// 5. The threshold sweep: each size forced to write and to read fan-out.
+constexpr size_t kSweepSizes[] = {10, 25, 50, 100, 250};
+
+std::vector<FanoutCase> SweepCases() {
+  std::vector<FanoutCase> out;
+  for (size_t n : kSweepSizes) {
+    for (auto mode : {parley::FanoutMode::kWrite, parley::FanoutMode::kRead}) {
+      out.push_back({"g" + std::to_string(n), n, mode,
+                     mode == parley::FanoutMode::kWrite ? "write" : "read",
+                     /*sweep=*/true});
+    }
+  }
+  return out;
+}
+
 std::string FanoutName(const FanoutCase& fc, bool online) {
-  return fc.name + "/" + fc.mode + (fc.forced ? "(forced)" : "") + "/" +
-         (online ? "online" : "offline");
+  return fc.name + "/" + fc.mode + (fc.forced && !fc.sweep ? "(forced)" : "") +
+         "/" + (online ? "online" : "offline");
+}
+
+// The benchmark's name without its /parley or /raw suffix.
+std::string FanoutBase(const FanoutCase& fc, bool online) {
+  return (fc.sweep ? "sweep/" : "fanout/") + FanoutName(fc, online);
 }
 
 constexpr uint64_t kFanoutConv = 1;
@@ -453,20 +490,24 @@ struct FanoutParleyCase final : Case {
   }
 };
 
-void AckAll(FanoutParleyCase& c) {
+// Acks each online device's last delivery; returns the acks made.
+uint64_t AckAll(FanoutParleyCase& c) {
+  uint64_t acks = 0;
   for (auto& [user, sink] : c.online) {
     if (sink->last_position > sink->acked_position) {
       Check(c.engine->Ack(parley::UserId(user), parley::DeviceId(1),
                           sink->last_stream, sink->last_position),
             "Ack");
       sink->acked_position = sink->last_position;
+      ++acks;
     }
   }
+  return acks;
 }
 
 void BM_FanoutParley(benchmark::State& state, FanoutCase fc, bool online) {
   auto* c = EnsureCase<FanoutParleyCase>(
-      "fanout/parley/" + FanoutName(fc, online), [&](FanoutParleyCase& c) {
+      FanoutBase(fc, online) + "/parley", [&](FanoutParleyCase& c) {
         const double t0 = WallSeconds();
         c.dir = NewTempDir("fanout");
         c.storage = OpenParleyStorage(c.dir);
@@ -504,9 +545,9 @@ void BM_FanoutParley(benchmark::State& state, FanoutCase fc, bool online) {
         }
         const double t2 = WallSeconds();
         std::fprintf(stderr,
-                     "[setup] fanout %s: create %.2f s, attach %zu devices "
+                     "[setup] %s: create %.2f s, attach %zu devices "
                      "%.2f s\n",
-                     FanoutName(fc, online).c_str(), t1 - t0, c.online.size(),
+                     FanoutBase(fc, online).c_str(), t1 - t0, c.online.size(),
                      t2 - t1);
       });
   const std::string payload(kPayloadBytes, 'f');
@@ -514,6 +555,13 @@ void BM_FanoutParley(benchmark::State& state, FanoutCase fc, bool online) {
   uint64_t sent = 0, delivered_before = 0;
   for (auto& [u, s] : c->online) delivered_before += s->count;
   int since_ack = 0;
+  uint64_t acks = 0;
+  double ack_cpu = 0;  // CPU of the (untimed) acks
+  auto ack_all = [&] {
+    const double cpu0 = ProcessCpuSeconds();
+    acks += AckAll(*c);
+    ack_cpu += ProcessCpuSeconds() - cpu0;
+  };
   for (auto _ : state) {
     const int len = std::snprintf(client_id, sizeof client_id, "f-%" PRIu64,
                                   c->next_id++);
@@ -531,17 +579,26 @@ void BM_FanoutParley(benchmark::State& state, FanoutCase fc, bool online) {
     if (!c->online.empty() && ++since_ack == kAckEvery) {
       since_ack = 0;
       state.PauseTiming();
-      AckAll(*c);
+      ack_all();
       state.ResumeTiming();
     }
   }
-  AckAll(*c);  // the timer stops with the loop
+  ack_all();  // the timer stops with the loop
   uint64_t delivered = 0;
   for (auto& [u, s] : c->online) delivered += s->count;
   delivered -= delivered_before;
+  // Every online device got every message once (the sender's device is not
+  // attached; windows never fill).
+  if (delivered != sent * c->online.size()) {
+    state.SkipWithError(("delivered " + std::to_string(delivered) + ", want " +
+                         std::to_string(sent * c->online.size()))
+                            .c_str());
+  }
   state.counters["msgs"] = static_cast<double>(sent);
   state.counters["deliveries"] = static_cast<double>(delivered);
   state.counters["online"] = static_cast<double>(c->online.size());
+  state.counters["acks"] = static_cast<double>(acks);
+  state.counters["ack_cpu_s"] = ack_cpu;
 }
 
 struct FanoutRawCase final : Case {
@@ -558,7 +615,7 @@ struct FanoutRawCase final : Case {
 
 void BM_FanoutRaw(benchmark::State& state, FanoutCase fc, bool online) {
   auto* c = EnsureCase<FanoutRawCase>(
-      "fanout/raw/" + FanoutName(fc, online), [&](FanoutRawCase& c) {
+      FanoutBase(fc, online) + "/raw", [&](FanoutRawCase& c) {
         c.dir = NewTempDir("fanout_raw");
         c.raw = std::make_unique<RawDb>(c.dir);
         if (online) {
@@ -1026,6 +1083,281 @@ void BM_CatchupRaw(benchmark::State& state, bool stream_get) {
 }
 
 // ---------------------------------------------------------------------------
+// 6. Catch-up of a user in K groups, the same groups in write or in read
+// fan-out (what read fan-out moves cost to).
+//
+// One user in kGroupCatchupGroups groups of kGroupCatchupMembers members,
+// every group forced to one mode. Devices of the user are attached once
+// (their cursors are written) and detached; then every group gets
+// kGroupCatchupPerGroup messages from another member, so each device has
+// kGroupCatchupTotal pending: in one user stream (write) or in K conversation
+// streams (read). The database is compacted and reopened, and one round warms
+// the block cache. Timed round: Attach a fresh device with that backlog and
+// receive all of it; whenever the sink stops receiving (a full window), the
+// loop acks the last delivered position of every stream that moved. Then
+// the same device, now caught up, is detached and reattached
+// kIdleReattaches times (nothing pending): the per-attach cost that read
+// fan-out adds for every group the user is in.
+
+constexpr uint64_t kGroupCatchupUser = 1;
+constexpr uint64_t kGroupCatchupGroups = 20;
+constexpr uint64_t kGroupCatchupMembers = 50;
+constexpr uint64_t kGroupCatchupPerGroup = 250;
+constexpr uint64_t kGroupCatchupTotal =
+    kGroupCatchupGroups * kGroupCatchupPerGroup;
+constexpr uint64_t kGroupCatchupDevices = 40;  // one per timed round
+constexpr int kGroupCatchupRounds = 3;
+constexpr int kIdleReattaches = 50;
+
+// Member j (0-based, j > 0) of group g (1-based) is user 1000 g + j; member
+// 0 is the catching-up user. The sender is member 1.
+uint64_t GroupMember(uint64_t g, uint64_t j) {
+  return j == 0 ? kGroupCatchupUser : 1000 * g + j;
+}
+
+// Tracks the last position per stream and checks each conversation's order.
+class StreamSink final : public parley::DeliverySink {
+ public:
+  void Deliver(const parley::Delivery& d) override {
+    ++count;
+    last[d.stream] = d.position;
+    PerConversation& pc = conversations[d.entry->conversation.value()];
+    if (d.entry->seq.value() <= pc.last_seq ||
+        d.entry->sender == parley::UserId(kGroupCatchupUser)) {
+      ++errors;
+    }
+    pc.last_seq = d.entry->seq.value();
+    ++pc.count;
+  }
+  void OnEvent(const parley::Event&) override {}
+
+  struct PerConversation {
+    uint64_t last_seq = 0;
+    uint64_t count = 0;
+  };
+  uint64_t count = 0;
+  uint64_t errors = 0;  // order inversions, own messages
+  std::map<parley::StreamId, uint64_t> last;
+  std::map<parley::StreamId, uint64_t> acked;
+  std::map<uint64_t, PerConversation> conversations;
+};
+
+struct GroupCatchupWorld {
+  parley::FanoutMode mode = parley::FanoutMode::kWrite;
+  fs::path dir;
+  std::shared_ptr<parley::Storage> storage;
+  std::unique_ptr<parley::Engine> engine;
+  uint64_t next_device = 1;
+
+  ~GroupCatchupWorld() {
+    if (engine) Check(engine->Close(), "Engine::Close");
+    engine.reset();
+    if (storage) Check(storage->Close(), "Storage::Close");
+    storage.reset();
+    RemoveDir(dir);
+  }
+};
+std::unique_ptr<GroupCatchupWorld> g_group_catchup;
+
+struct GroupCatchupRound {
+  bool ok = true;
+  std::string error;
+  double seconds = 0, cpu = 0;
+  uint64_t received = 0;
+  uint64_t acks = 0;
+  double idle_cpu = 0;  // kIdleReattaches x (Detach + Attach), caught up
+};
+
+GroupCatchupRound GroupCatchupParleyRound(GroupCatchupWorld& w) {
+  GroupCatchupRound r;
+  if (w.next_device > kGroupCatchupDevices) {
+    r.ok = false;
+    r.error = "out of prepared devices (too many repetitions)";
+    return r;
+  }
+  const parley::DeviceId device(w.next_device++);
+  const parley::UserId user(kGroupCatchupUser);
+  auto sink = std::make_shared<StreamSink>();
+  const double cpu0 = ProcessCpuSeconds();
+  const double t0 = WallSeconds();
+  auto attached = w.engine->Attach(user, device, sink, {});
+  if (!attached.ok() || !attached->reset.empty()) {
+    r.ok = false;
+    r.error = attached.ok() ? "stream was reset" : attached.status().ToString();
+    return r;
+  }
+  auto ack_moved = [&]() -> absl::Status {
+    for (const auto& [stream, position] : sink->last) {
+      uint64_t& acked = sink->acked[stream];
+      if (position <= acked) continue;
+      acked = position;
+      ++r.acks;
+      // May deliver more (into sink->last: std::map insertion does not
+      // invalidate this iteration).
+      PARLEY_BENCH_RETURN_IF_ERROR(
+          w.engine->Ack(user, device, stream, position));
+    }
+    return absl::OkStatus();
+  };
+  while (r.ok && sink->count < kGroupCatchupTotal) {
+    const uint64_t before = sink->count;
+    const absl::Status s = ack_moved();
+    if (!s.ok() || sink->count == before) {
+      r.ok = false;
+      r.error = s.ok() ? "catch-up stalled at " + std::to_string(sink->count)
+                       : s.ToString();
+    }
+  }
+  if (r.ok) {
+    const absl::Status s = ack_moved();
+    if (!s.ok()) {
+      r.ok = false;
+      r.error = s.ToString();
+    }
+  }
+  r.seconds = WallSeconds() - t0;
+  r.cpu = ProcessCpuSeconds() - cpu0;
+  r.received = sink->count;
+  if (r.ok && (sink->count != kGroupCatchupTotal || sink->errors != 0 ||
+               sink->conversations.size() != kGroupCatchupGroups)) {
+    r.ok = false;
+    r.error = "received " + std::to_string(sink->count) + " from " +
+              std::to_string(sink->conversations.size()) +
+              " conversations, " + std::to_string(sink->errors) + " errors";
+  }
+  for (const auto& [c, pc] : sink->conversations) {
+    if (r.ok && pc.count != kGroupCatchupPerGroup) {
+      r.ok = false;
+      r.error = "conversation " + std::to_string(c) + ": " +
+                std::to_string(pc.count) + " entries";
+    }
+  }
+  Check(w.engine->Detach(user, device), "Detach");
+  if (!r.ok) return r;
+  // Reattaches with nothing pending.
+  const double idle0 = ProcessCpuSeconds();
+  for (int i = 0; i < kIdleReattaches; ++i) {
+    auto again = w.engine->Attach(user, device, sink, {});
+    if (!again.ok() || !again->reset.empty()) {
+      r.ok = false;
+      r.error = again.ok() ? "reattach reset" : again.status().ToString();
+      return r;
+    }
+    Check(w.engine->Detach(user, device), "Detach");
+  }
+  r.idle_cpu = ProcessCpuSeconds() - idle0;
+  if (sink->count != kGroupCatchupTotal) {
+    r.ok = false;
+    r.error = "a caught-up reattach delivered something";
+  }
+  return r;
+}
+
+GroupCatchupWorld& GroupCatchup(parley::FanoutMode mode) {
+  if (g_group_catchup != nullptr && g_group_catchup->mode == mode) {
+    return *g_group_catchup;
+  }
+  g_group_catchup.reset();
+  g_catchup.reset();
+  const double t0 = WallSeconds();
+  auto w = std::make_unique<GroupCatchupWorld>();
+  w->mode = mode;
+  w->dir = NewTempDir("group_catchup");
+  const auto policy = std::make_shared<ForcedPolicy>(mode);
+  {
+    auto storage = OpenParleyStorage(w->dir);
+    auto engine = OpenEngine(storage, policy);
+    for (uint64_t g = 1; g <= kGroupCatchupGroups; ++g) {
+      std::vector<parley::UserId> members;
+      for (uint64_t j = 0; j < kGroupCatchupMembers; ++j) {
+        members.emplace_back(GroupMember(g, j));
+      }
+      Check(engine->CreateConversation(
+                {.id = parley::ConversationId(g),
+                 .kind = parley::ConversationKind::kGroup,
+                 .creator = parley::UserId(GroupMember(g, 1)),
+                 .members = members}),
+            "CreateConversation");
+      if (Take(engine->GetFanoutMode(parley::ConversationId(g)),
+               "GetFanoutMode") != mode) {
+        Die("group catch-up setup",
+            absl::InternalError("unexpected fan-out mode"));
+      }
+    }
+    // Every device is known at the heads, then goes offline.
+    auto sink = std::make_shared<StreamSink>();
+    for (uint64_t d = 1; d <= kGroupCatchupDevices; ++d) {
+      Take(engine->Attach(parley::UserId(kGroupCatchupUser),
+                          parley::DeviceId(d), sink, {}),
+           "Attach");
+      Check(engine->Detach(parley::UserId(kGroupCatchupUser),
+                           parley::DeviceId(d)),
+            "Detach");
+    }
+    if (sink->count != 0) {
+      Die("group catch-up setup",
+          absl::InternalError("a new device got deliveries"));
+    }
+    const std::string payload(kPayloadBytes, 'k');
+    for (uint64_t i = 0; i < kGroupCatchupPerGroup; ++i) {
+      for (uint64_t g = 1; g <= kGroupCatchupGroups; ++g) {
+        const std::string cid =
+            "k-" + std::to_string(g) + "-" + std::to_string(i);
+        Check(engine
+                  ->Send({.sender = parley::UserId(GroupMember(g, 1)),
+                          .device = parley::DeviceId(1),
+                          .conversation = parley::ConversationId(g),
+                          .client_message_id = cid,
+                          .payload = payload})
+                  .status(),
+              "Send");
+      }
+    }
+    Check(storage->CompactAll(), "CompactAll");
+    Check(engine->Close(), "Engine::Close");
+    engine.reset();
+    Check(storage->Close(), "Storage::Close");
+  }
+  w->storage = OpenParleyStorage(w->dir);
+  w->engine = OpenEngine(w->storage, policy);
+  const GroupCatchupRound warm = GroupCatchupParleyRound(*w);
+  if (!warm.ok) Die("group catch-up warm-up", absl::InternalError(warm.error));
+  std::fprintf(stderr,
+               "[setup] group catch-up (%s): %" PRIu64 " groups of %" PRIu64
+               ", %" PRIu64 " pending, compacted, warmed in %.1f s\n",
+               mode == parley::FanoutMode::kWrite ? "write" : "read",
+               kGroupCatchupGroups, kGroupCatchupMembers, kGroupCatchupTotal,
+               WallSeconds() - t0);
+  g_group_catchup = std::move(w);
+  return *g_group_catchup;
+}
+
+void BM_GroupCatchup(benchmark::State& state, parley::FanoutMode mode) {
+  g_case.reset();
+  GroupCatchupWorld& w = GroupCatchup(mode);
+  uint64_t entries = 0, acks = 0, idle = 0;
+  double cpu = 0, idle_cpu = 0;
+  for (auto _ : state) {
+    const GroupCatchupRound r = GroupCatchupParleyRound(w);
+    if (!r.ok) {
+      state.SkipWithError(r.error.c_str());
+      break;
+    }
+    state.SetIterationTime(r.seconds);
+    cpu += r.cpu;
+    entries += r.received;
+    acks += r.acks;
+    idle_cpu += r.idle_cpu;
+    idle += kIdleReattaches;
+  }
+  state.counters["msgs"] = static_cast<double>(entries);
+  state.counters["acks"] = static_cast<double>(acks);
+  state.counters["cpu_s"] = cpu;
+  state.counters["idle_attaches"] = static_cast<double>(idle);
+  state.counters["idle_cpu_s"] = idle_cpu;
+}
+
+// ---------------------------------------------------------------------------
 // Results
 
 class Collector final : public benchmark::ConsoleReporter {
@@ -1061,6 +1393,21 @@ class Collector final : public benchmark::ConsoleReporter {
       }
       results_[run.run_name.function_name].push_back(r);
     }
+  }
+
+  // f of every successful repetition, ascending; empty if any failed.
+  std::vector<double> Values(
+      const std::string& name,
+      const std::function<double(const Result&)>& f) const {
+    std::vector<double> out;
+    auto it = results_.find(name);
+    if (it == results_.end()) return out;
+    for (const Result& r : it->second) {
+      if (r.error) return {};
+      out.push_back(f(r));
+    }
+    std::sort(out.begin(), out.end());
+    return out;
   }
 
   // With --benchmark_repetitions: the repetition with the median time per msg.
@@ -1104,6 +1451,13 @@ void Register() {
           [fc, online](benchmark::State& s) { BM_FanoutRaw(s, fc, online); }));
     }
   }
+  for (const FanoutCase& fc : SweepCases()) {
+    for (bool online : {false, true}) {
+      fixed(benchmark::RegisterBenchmark(
+          (FanoutBase(fc, online) + "/parley").c_str(),
+          [fc, online](benchmark::State& s) { BM_FanoutParley(s, fc, online); }));
+    }
+  }
   for (size_t step : {size_t{1}, size_t{50}}) {
     const std::string base =
         std::string("ack/") + (step == 1 ? "one_by_one" : "batch50") + "/";
@@ -1132,6 +1486,14 @@ void Register() {
       "catchup/raw_log_scan",
       [](benchmark::State& s) { BM_CatchupRaw(s, false); })
       ->UseManualTime()->Iterations(kCatchupRounds * 3);
+  for (auto mode : {parley::FanoutMode::kWrite, parley::FanoutMode::kRead}) {
+    benchmark::RegisterBenchmark(
+        (std::string("catchup_groups/") +
+         (mode == parley::FanoutMode::kWrite ? "write" : "read") + "/parley")
+            .c_str(),
+        [mode](benchmark::State& s) { BM_GroupCatchup(s, mode); })
+        ->UseManualTime()->Iterations(kGroupCatchupRounds);
+  }
 }
 
 void PrintTable(const Collector& results) {
@@ -1210,7 +1572,7 @@ void PrintTable(const Collector& results) {
               per_delivery("g10000/read", 1000).c_str(),
               per_delivery("g1000/read", 100).c_str(),
               per_delivery("g1000/write(forced)", 100).c_str(),
-              per_delivery("g100/write", 10).c_str());
+              per_delivery("g100/write(forced)", 10).c_str());
   std::printf("     1000 members, write vs read (us/send, 0 online): %s\n",
               ratio("g1000/write(forced)/offline", "g1000/read/offline").c_str());
 
@@ -1263,6 +1625,198 @@ void PrintTable(const Collector& results) {
   std::printf("raw cpu us/entry: stream_get %s, log_scan %s\n",
               Fmt(cpu_per(rs, "msgs"), "%.2f").c_str(),
               Fmt(cpu_per(rl, "msgs"), "%.2f").c_str());
+  std::fflush(stdout);
+}
+
+// 5. and 6.: the threshold sweep, the catch-up in K groups, and the model
+// that combines them into a threshold.
+struct Stat {
+  double median = -1, spread = -1;  // spread = (max - min) / median
+  int n = 0;
+};
+
+Stat StatOf(const std::vector<double>& v) {
+  Stat s;
+  if (v.empty()) return s;
+  s.n = static_cast<int>(v.size());
+  s.median = v[v.size() / 2];
+  s.spread = s.median > 0 ? (v.back() - v.front()) / s.median : -1;
+  return s;
+}
+
+std::string FmtStat(const Stat& s, const char* format) {
+  if (s.median < 0) return "n/a";
+  if (s.n < 2) return Fmt(s.median, format);
+  return Fmt(s.median, format) + " ±" + Fmt(s.spread * 50, "%.0f") + "%";
+}
+
+void PrintSweep(const Collector& results) {
+  using R = Collector::Result;
+  auto cpu_per = [&](const std::string& name, const char* what) {
+    return StatOf(results.Values(name, [what](const R& r) {
+      const double n = r.Count(what);
+      return n > 0 ? r.cpu / n * 1e6 : -1.0;
+    }));
+  };
+  auto ack_per = [&](const std::string& name) {
+    return StatOf(results.Values(name, [](const R& r) {
+      const double n = r.Count("acks");
+      return n > 0 ? r.Count("ack_cpu_s") / n * 1e6 : -1.0;
+    }));
+  };
+  const Stat direct_off =
+      cpu_per("fanout/direct2/write/offline/parley", "msgs");
+  const Stat direct_on = cpu_per("fanout/direct2/write/online/parley", "msgs");
+  std::printf(
+      "\n5. threshold sweep: Engine::Send of 200 B to a group forced to write "
+      "or read fan-out;\n   CPU us per send (process CPU incl. RocksDB "
+      "threads; median of the repetitions ± half\n   the spread). x direct = "
+      "/ the direct send's CPU (offline: %s us, online: %s us).\n   online = "
+      "every 10th member attached; per delivery = (online - offline) / "
+      "devices;\n   ack = CPU of one (untimed) cumulative ack of an online "
+      "device.\n\n",
+      FmtStat(direct_off, "%.1f").c_str(), FmtStat(direct_on, "%.1f").c_str());
+  std::printf("%-7s %-6s %15s %9s %15s %9s %4s %12s %11s\n", "members", "mode",
+              "offline us/m", "x direct", "online us/m", "x direct", "dev",
+              "ns/delivery", "us/ack");
+  struct Row {
+    Stat off, on;
+    double devices = 0;
+  };
+  std::map<std::pair<size_t, std::string>, Row> rows;
+  for (const FanoutCase& fc : SweepCases()) {
+    Row row;
+    row.off = cpu_per(FanoutBase(fc, false) + "/parley", "msgs");
+    row.on = cpu_per(FanoutBase(fc, true) + "/parley", "msgs");
+    const R* p = results.Find(FanoutBase(fc, true) + "/parley");
+    row.devices = p ? p->Count("online") : -1;
+    const double per_delivery =
+        row.devices > 0 ? (row.on.median - row.off.median) / row.devices * 1000
+                        : 0;
+    std::printf(
+        "%-7zu %-6s %15s %9s %15s %9s %4s %12s %11s\n", fc.members,
+        fc.mode.c_str(), FmtStat(row.off, "%.1f").c_str(),
+        Fmt(row.off.median > 0 && direct_off.median > 0
+                ? row.off.median / direct_off.median
+                : -1,
+            "%.2fx")
+            .c_str(),
+        FmtStat(row.on, "%.1f").c_str(),
+        Fmt(row.on.median > 0 && direct_on.median > 0
+                ? row.on.median / direct_on.median
+                : -1,
+            "%.2fx")
+            .c_str(),
+        Fmt(row.devices, "%.0f").c_str(),
+        row.off.median > 0 && row.on.median > 0 && row.devices > 0
+            ? std::to_string(std::lround(per_delivery)).c_str()
+            : "n/a",
+        FmtStat(ack_per(FanoutBase(fc, true) + "/parley"), "%.1f").c_str());
+    rows[{fc.members, fc.mode}] = row;
+  }
+
+  std::printf(
+      "\n6. catch-up in %" PRIu64 " groups of %" PRIu64 " members: Attach + "
+      "receive %" PRIu64 " pending (%" PRIu64 " per group),\n   acking every "
+      "stream that moved whenever the window is full; then %d detach + "
+      "attach pairs\n   with nothing pending (idle reattach).\n\n",
+      kGroupCatchupGroups, kGroupCatchupMembers, kGroupCatchupTotal,
+      kGroupCatchupPerGroup, kIdleReattaches);
+  std::printf("%-6s %12s %15s %11s %20s\n", "mode", "entries/s",
+              "cpu us/entry", "acks/round", "idle reattach us");
+  std::map<std::string, Stat> catchup, idle_attach;
+  for (const char* mode : {"write", "read"}) {
+    const std::string name = std::string("catchup_groups/") + mode + "/parley";
+    const R* p = results.Find(name);
+    if (p == nullptr) continue;
+    catchup[mode] = cpu_per(name, "msgs");
+    const Stat idle = StatOf(results.Values(name, [](const R& r) {
+      const double n = r.Count("idle_attaches");
+      return n > 0 ? r.Count("idle_cpu_s") / n * 1e6 : -1.0;
+    }));
+    idle_attach[mode] = idle;
+    std::printf("%-6s %12s %15s %11s %20s\n", mode,
+                Fmt(p->Rate("msgs"), "%.0f").c_str(),
+                FmtStat(catchup[mode], "%.2f").c_str(),
+                Fmt(p->Count("acks") / kGroupCatchupRounds, "%.0f").c_str(),
+                FmtStat(idle, "%.1f").c_str());
+  }
+
+  // The model: one message to a group of N: the send, plus each of the
+  // N - 1 other members' devices getting it, a third live and two thirds by
+  // catch-up. Live acks are the same count in both modes and cost the same
+  // per ack (column us/ack), so they are left out of the comparison.
+  const double online_share = 1.0 / 3;
+  auto delivery_cost = [&](const std::string& mode) {
+    const auto it = rows.find({kSweepSizes[std::size(kSweepSizes) - 1], mode});
+    if (it == rows.end() || it->second.on.median <= 0 ||
+        it->second.off.median <= 0 || it->second.devices <= 0)
+      return -1.0;
+    return std::max(0.0, (it->second.on.median - it->second.off.median) /
+                             it->second.devices);
+  };
+  const double d_w = delivery_cost("write"), d_r = delivery_cost("read");
+  const double c_w = catchup.count("write") ? catchup["write"].median : -1;
+  const double c_r = catchup.count("read") ? catchup["read"].median : -1;
+  if (d_w < 0 || d_r < 0 || c_w < 0 || c_r < 0) return;
+  std::printf(
+      "\n   model: CPU per message = send + (N - 1) x (1/3 x live delivery + "
+      "2/3 x catch-up entry)\n   live delivery (from the %zu-member rows): "
+      "write %.2f us, read %.2f us; catch-up entry: write %.2f us,\n   read "
+      "%.2f us.\n\n",
+      kSweepSizes[std::size(kSweepSizes) - 1], d_w, d_r, c_w, c_r);
+  // What the model leaves out: every attach of a device costs read fan-out
+  // a little for each read-mode group its user is in, busy or quiet.
+  const double attach_per_group =
+      idle_attach.count("write") && idle_attach.count("read") &&
+              idle_attach["read"].median > 0 && idle_attach["write"].median > 0
+          ? (idle_attach["read"].median - idle_attach["write"].median) /
+                kGroupCatchupGroups
+          : -1;
+  std::printf("   read fan-out adds %s us per read-mode group of the user to "
+              "every attach (idle reattach,\n   read - write, / %" PRIu64
+              "). break-even = messages the group must get per reconnect of "
+              "each\n   member's device for read to cost less in total: "
+              "N x that / (write - read).\n\n",
+              Fmt(attach_per_group, "%.2f").c_str(), kGroupCatchupGroups);
+  std::printf("%-7s %12s %12s %11s %11s\n", "members", "write us/m",
+              "read us/m", "write/read", "break-even");
+  double prev_n = -1, prev_diff = 0, crossover = -1;
+  bool write_cheaper_somewhere = false, read_cheaper_somewhere = false;
+  for (size_t n : kSweepSizes) {
+    const Row& w = rows[{n, "write"}];
+    const Row& r = rows[{n, "read"}];
+    if (w.off.median < 0 || r.off.median < 0) continue;
+    const double k = static_cast<double>(n - 1);
+    const double tw =
+        w.off.median + k * (online_share * d_w + (1 - online_share) * c_w);
+    const double tr =
+        r.off.median + k * (online_share * d_r + (1 - online_share) * c_r);
+    std::printf("%-7zu %12.1f %12.1f %10.2fx %11s\n", n, tw, tr, tw / tr,
+                Fmt(attach_per_group >= 0 && tw > tr
+                        ? static_cast<double>(n) * attach_per_group / (tw - tr)
+                        : -1,
+                    "%.2f")
+                    .c_str());
+    const double diff = tw - tr;
+    if (diff <= 0) write_cheaper_somewhere = true;
+    if (diff > 0) read_cheaper_somewhere = true;
+    if (crossover < 0 && diff > 0 && prev_n > 0 && prev_diff <= 0) {
+      crossover = prev_n + (n - prev_n) * (-prev_diff) / (diff - prev_diff);
+    }
+    prev_n = static_cast<double>(n);
+    prev_diff = diff;
+  }
+  if (crossover > 0) {
+    std::printf("   write costs more than read above ~%.0f members\n",
+                crossover);
+  } else if (!write_cheaper_somewhere) {
+    std::printf("   read costs less at every size measured (from %zu)\n",
+                kSweepSizes[0]);
+  } else if (!read_cheaper_somewhere) {
+    std::printf("   write costs less at every size measured (up to %zu)\n",
+                kSweepSizes[std::size(kSweepSizes) - 1]);
+  }
   std::fflush(stdout);
 }
 
@@ -1459,7 +2013,9 @@ int main(int argc, char** argv) {
     benchmark::RunSpecifiedBenchmarks(&collector);
     g_case.reset();
     g_catchup.reset();
+    g_group_catchup.reset();
     PrintTable(collector);
+    PrintSweep(collector);
   }
   if (memory || memory_only) PrintMemory();
   benchmark::Shutdown();

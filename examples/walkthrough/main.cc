@@ -270,7 +270,7 @@ int main(int argc, char** argv) {
               "(his own reply marks everything before it read)\n",
               static_cast<unsigned long long>(read.unread));
 
-  std::printf("\n9. A group above the fan-out threshold (100) is stored "
+  std::printf("\n9. A group above the fan-out threshold (25) is stored "
               "once; each device keeps a cursor.\n");
   const ConversationId kAll{3003};
   std::vector<UserId> everyone;

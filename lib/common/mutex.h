@@ -3,8 +3,8 @@
 //
 //   * normally they are Mutex (fast, with Await on conditions);
 //   * with PARLEY_STD_MUTEX defined (the ThreadSanitizer build, see
-//     docs/TESTING.md) they are std::mutex + std::condition_variable, which
-//     TSan intercepts. Debian's Abseil is not built with TSan, so the
+//     docs/TESTING.md) they are std::shared_mutex +
+//     std::condition_variable_any, which TSan intercepts. Debian's Abseil is not built with TSan, so the
 //     happens-before edges of an Mutex are invisible to it and every
 //     guarded field would be reported as a race (or, worse, real races would
 //     drown in noise).
@@ -17,8 +17,10 @@
 //   }
 //
 // Await's condition is evaluated with the mutex held. It is re-evaluated
-// whenever the mutex is released by another thread, so a condition must only
-// depend on state changed under the mutex (or followed by a lock/unlock of it).
+// whenever another thread releases the mutex, by Unlock() or by starting to
+// wait in an Await of its own, so a condition must only depend on state
+// changed under the mutex (or followed by a lock/unlock of it). Both
+// implementations keep that promise (tests/common/mutex_test.cc).
 
 #ifndef PARLEY_LIB_COMMON_MUTEX_H_
 #define PARLEY_LIB_COMMON_MUTEX_H_
@@ -53,12 +55,26 @@ class ABSL_LOCKABLE Mutex {
     return mu_.try_lock();
   }
   // Blocks until cond() holds. REQUIRES: held; held again on return.
+  //
+  // Waiting releases the mutex inside cv_.wait, not through Unlock(), so the
+  // first wait must wake the other waiters itself: the caller may have
+  // changed guarded state since it took the lock (Pause::Arrive counts an
+  // arrival, then waits for the release), and a thread already waiting for
+  // that change would otherwise sleep until some later Unlock() — forever, if
+  // the only later Unlock() is the one it is waiting to make. absl::Mutex
+  // re-evaluates every waiter's condition on any release, Await's included.
+  // Later waits need no notification: between them this thread only
+  // evaluated cond(), which changes nothing.
   template <typename F>
   void Await(F&& cond) ABSL_EXCLUSIVE_LOCKS_REQUIRED(this) {
     std::unique_lock<std::shared_mutex> lock(mu_, std::adopt_lock);
-    ++waiters_;
-    while (!cond()) cv_.wait(lock);
-    --waiters_;
+    if (!cond()) {
+      if (waiters_ > 0) cv_.notify_all();
+      ++waiters_;
+      do cv_.wait(lock);
+      while (!cond());
+      --waiters_;
+    }
     lock.release();
   }
   void AssertHeld() const ABSL_ASSERT_EXCLUSIVE_LOCK() {}

@@ -75,7 +75,7 @@ inline constexpr uint64_t kPtsBlock = 4096;
 // Seqs are reserved this many at a time in kBuffered: one fsync per block
 // per conversation; after a power loss at most kSeqBlock - 1 seqs of a
 // conversation become kLost entries.
-inline constexpr uint64_t kSeqBlock = 256;
+inline constexpr uint64_t kSeqBlock = 4096;
 
 // The per-user update-stream counter (pts): the sequencer of fan-out on
 // write. Guarded like ConversationState.

@@ -218,7 +218,8 @@ TEST_CASE("a device resuming inside the lost range of a read fan-out conversatio
   }
   m.PowerLoss();
 
-  auto sink = std::make_shared<RecordingSink>();
+  // Acking, so the window (max_in_flight_per_device) moves on.
+  auto sink = AckingSink(m.engine(), kBob, kBobPhone);
   auto attached = m.engine().Attach(
       kBob, kBobPhone, sink,
       {.resume_from = {{StreamId::User(), 0},

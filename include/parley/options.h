@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <string_view>
 
 #include "absl/status/status.h"
@@ -59,6 +60,19 @@ struct Options {
 
   // See Durability. Default: kBuffered.
   Durability durability = Durability::kBuffered;
+
+  // Names the machine's current boot. A restart that did not follow Close()
+  // is taken for a power loss (kBuffered writes that were not fsynced may be
+  // gone) when the boot differs from the one the previous engine opened in;
+  // with the same boot it was a process crash, which loses nothing the OS
+  // had accepted. After a power loss no seq, pts or message id that may have
+  // been handed out is handed out again; the seqs that may have been lost
+  // become EntryKind::kLost entries. A test that simulates a power loss
+  // (MemoryStorage::DropUnsyncedWrites, a fault-injecting file system) opens
+  // the next engine with a different value. Default: empty = the kernel's
+  // /proc/sys/kernel/random/boot_id; where that cannot be read, every
+  // restart that did not follow Close() is taken for a power loss.
+  std::string boot_id;
 
   // Largest payload accepted by Send, in bytes. Default: 64 KiB.
   size_t max_payload_bytes = 64 * 1024;

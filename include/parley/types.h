@@ -71,6 +71,11 @@ enum class EntryKind : uint8_t {
   kCreated = 2,        // seq 1 of every conversation; lists initial members
   kMemberAdded = 3,    // subject_user joined at this seq
   kMemberRemoved = 4,  // subject_user left at this seq
+  // A seq that may have been handed out (and acknowledged) in
+  // Durability::kBuffered before a power loss took it back: its content is
+  // gone. Written at recovery for every seq between the surviving head and
+  // the stored seq limit; carries no id, sender or payload.
+  kLost = 5,
 };
 
 // Optional, host-defined description of a message. The engine validates the

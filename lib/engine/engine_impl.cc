@@ -7,6 +7,7 @@
 #include "common/check.h"
 #include "fanout/fanout_policy.h"
 #include "common/coding.h"
+#include "engine/open_record.h"
 #include "log/keys.h"
 #include "log/log_codec.h"
 
@@ -18,6 +19,8 @@ constexpr char kClosedMessage[] = "engine is closed";
 // Longest retention accepted: expiry is microseconds in an int64, which a
 // larger value would overflow (found by the engine-ops fuzzer).
 constexpr std::chrono::seconds kMaxRetention{1000LL * 365 * 24 * 3600};
+// kBuffered: ids are covered this far ahead of the clock by a synced write.
+constexpr std::chrono::milliseconds kIdReserveAhead{2000};
 
 int64_t NowMicros(const Clock& clock) { return ToMicros(clock.Now()); }
 
@@ -90,11 +93,17 @@ class EngineImpl::OpGuard {
   bool ok_;
 };
 
-EngineImpl::EngineImpl(Options options, MessageId id_floor)
+EngineImpl::EngineImpl(Options options, OpenState open)
     : options_(std::move(options)),
       storage_(options_.storage),
       clock_(options_.clock),
-      ids_(options_.node_id, id_floor),
+      ids_(options_.node_id, open.id_floor),
+      generation_(open.generation),
+      loss_generation_(open.loss_generation),
+      boot_id_(std::move(open.boot_id)),
+      id_reservation_(storage_.get(),
+                      options_.durability == Durability::kBuffered,
+                      open.id_limit_millis, kIdReserveAhead),
       committer_(storage_.get(), options_.durability == Durability::kSync,
                  options_.max_group_commit_sends,
                  // Completions run sinks and host callbacks: mark the
@@ -138,6 +147,7 @@ absl::Status EngineImpl::LoadLocked(ConversationState& st) {
   if (absl::IsNotFound(s)) {
     st.exists = false;
     st.assigned_seq = st.committed_seq = 0;
+    st.seq_limit = 0;
     st.member_count = 0;
     st.members_cached = false;
     st.members.clear();
@@ -151,7 +161,14 @@ absl::Status EngineImpl::LoadLocked(ConversationState& st) {
   PARLEY_RETURN_IF_ERROR(
       storage_->Get(Space::kMeta, keys::HeadKey(st.id), &value));
   if (value.size() != 8) return absl::DataLossError("corrupt head seq");
-  const uint64_t head = DecodeFixed64BE(value.data());
+  uint64_t head = DecodeFixed64BE(value.data());
+  uint64_t limit = 0, limit_generation = 0;
+  s = storage_->Get(Space::kMeta, keys::SeqLimitKey(st.id), &value);
+  if (s.ok()) {
+    PARLEY_RETURN_IF_ERROR(DecodeLimitValue(value, &limit, &limit_generation));
+  } else if (!absl::IsNotFound(s)) {
+    return s;
+  }
 
   st.members.clear();
   st.members_cached = meta.member_count <= kMaxCachedMembers;
@@ -176,10 +193,73 @@ absl::Status EngineImpl::LoadLocked(ConversationState& st) {
   st.member_count = meta.member_count;
   st.mode = meta.mode;
   st.pending_reads.clear();
+  if (limit_generation < loss_generation_ && limit > head) {
+    // A power loss since the limit was stored: seqs up to it may have been
+    // acknowledged and lost. They are never handed out again.
+    PARLEY_RETURN_IF_ERROR(RecordLostSeqsLocked(st, head, limit));
+    head = limit;
+  }
+  st.seq_limit = std::max(limit, head);
   st.assigned_seq = st.committed_seq = head;
   st.epoch = epoch;
   st.loaded = true;
   return absl::OkStatus();
+}
+
+absl::Status EngineImpl::RecordLostSeqsLocked(ConversationState& st,
+                                              uint64_t head, uint64_t limit) {
+  // At most kSeqBlock - 1 entries: every block crossing was fsynced, so the
+  // surviving head is at least the seq that reserved the limit.
+  const Timestamp now = clock_->Now();
+  const uint64_t expiry = RetentionExpiryLocked(st, now);
+  WriteBatch batch;
+  LogEntry lost;
+  lost.conversation = st.id;
+  lost.kind = EntryKind::kLost;
+  lost.server_time = now;
+  std::string value;
+  for (uint64_t seq = head + 1; seq <= limit; ++seq) {
+    lost.seq = Seq(seq);
+    value.clear();
+    EncodeLogValue(lost, expiry, &value);
+    batch.Put(Space::kLog, keys::LogKey(st.id, Seq(seq)), value);
+  }
+  value.clear();
+  PutFixed64BE(&value, limit);
+  batch.Put(Space::kMeta, keys::HeadKey(st.id), value);
+  // Stamped with this generation: the range is recorded once.
+  batch.Put(Space::kMeta, keys::SeqLimitKey(st.id),
+            EncodeLimitValue(limit, generation_));
+  // Nothing of this conversation is in flight (its state is not loaded), so
+  // the write needs no queue. Not synced: if it is lost, the next open sees
+  // another power loss and records the same range again.
+  absl::Status s = storage_->Write(batch, {.sync = false});
+  if (s.ok()) {
+    Log(LogLevel::kWarning,
+        absl::StrCat("conversation ", st.id.value(), ": seqs ", head + 1,
+                     "..", limit, " may have been lost in a power loss"));
+  }
+  return s;
+}
+
+void EngineImpl::ReserveSeqLocked(ConversationState& st, uint64_t seq,
+                                  GroupCommitter::Request* r) {
+  // kSync: every batch is fsynced, so the stored head bounds what was
+  // acknowledged and no limit is needed.
+  if (options_.durability != Durability::kBuffered || seq <= st.seq_limit) {
+    return;
+  }
+  st.seq_limit = seq + kSeqBlock - 1;
+  r->batch.Put(Space::kMeta, keys::SeqLimitKey(st.id),
+               EncodeLimitValue(st.seq_limit, generation_));
+  r->needs_sync = true;
+}
+
+absl::StatusOr<MessageId> EngineImpl::NextId(Timestamp now) {
+  const MessageId id = ids_.Next(ToMicros(now) / 1000);
+  PARLEY_RETURN_IF_ERROR(
+      id_reservation_.Cover(MessageIdGenerator::MillisOf(id)));
+  return id;
 }
 
 absl::Status EngineImpl::LoadExistingLocked(ConversationState& st) {
@@ -410,18 +490,23 @@ absl::Status EngineImpl::LoadUserLocked(UserStreamState& us) {
     }
     PARLEY_RETURN_IF_ERROR(it->status());
   }
-  uint64_t limit = 0;
+  uint64_t limit = 0, limit_generation = 0;
   {
     std::string value;
     absl::Status s =
         storage_->Get(Space::kMeta, keys::PtsLimitKey(us.id), &value);
     if (s.ok()) {
-      PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &limit));
+      PARLEY_RETURN_IF_ERROR(
+          DecodeLimitValue(value, &limit, &limit_generation));
     } else if (!absl::IsNotFound(s)) {
       return s;
     }
   }
-  const uint64_t pts = tail_live ? last : std::max(last, limit);
+  // A power loss since the limit was stored may have taken back positions
+  // up to it that devices hold: resume above it too. (The next position
+  // passes the limit, so the block reserved then carries this generation.)
+  const bool lost = limit_generation < loss_generation_;
+  const uint64_t pts = tail_live && !lost ? last : std::max(last, limit);
   us.assigned_pts = us.committed_pts = pts;
   us.limit = std::max(limit, pts);
   us.last_expiry = last_expiry;
@@ -487,7 +572,8 @@ absl::Status EngineImpl::LockUsers(const std::vector<UserId>& users,
 
 void EngineImpl::FanOutOnWrite(const std::vector<UserId>& targets,
                                ConversationId c, Seq seq, uint64_t expiry,
-                               Fanout* f, WriteBatch* batch) {
+                               Fanout* f, GroupCommitter::Request* r) {
+  WriteBatch* batch = &r->batch;
   std::string value;
   // Both lists are sorted by user: walk them together (linear, not N^2).
   size_t at = 0;
@@ -497,10 +583,12 @@ void EngineImpl::FanOutOnWrite(const std::vector<UserId>& targets,
     UserStreamState* us = f->locked[at].get();
     const uint64_t pts = ++us->assigned_pts;
     if (pts > us->limit) {
+      // Durable before any position of the block is acknowledged (in
+      // kBuffered too: a power loss must not take the limit back).
       us->limit = pts + kPtsBlock - 1;
-      value.clear();
-      PutFixed64BE(&value, us->limit);
-      batch->Put(Space::kMeta, keys::PtsLimitKey(u), value);
+      batch->Put(Space::kMeta, keys::PtsLimitKey(u),
+                 EncodeLimitValue(us->limit, generation_));
+      r->needs_sync = true;
     }
     us->last_expiry = std::max(us->last_expiry, expiry);
     value.clear();
@@ -611,14 +699,19 @@ absl::Status EngineImpl::CreateConversation(
   // Every fallible step comes before the reservation below.
   Fanout f;
   if (absl::Status ls = LockUsers(members, &f); !ls.ok()) return fail(ls);
+  const Timestamp now = clock_->Now();
+  absl::StatusOr<MessageId> id = NextId(now);
+  if (!id.ok()) {
+    UnlockUsers(&f);
+    return fail(id.status());
+  }
 
   // ---- Reserve: nothing below fails before Commit.
-  const Timestamp now = clock_->Now();
   auto entry = std::make_shared<LogEntry>();
   entry->conversation = q.id;
   entry->seq = Seq(1);
   entry->kind = EntryKind::kCreated;
-  entry->id = ids_.Next(ToMicros(now) / 1000);
+  entry->id = *id;
   entry->server_time = now;
   entry->sender = q.creator;
   entry->subjects = members;
@@ -637,9 +730,10 @@ absl::Status EngineImpl::CreateConversation(
   }
 
   GroupCommitter::Request r;
+  ReserveSeqLocked(*st, 1, &r);
   const uint64_t expiry = RetentionExpiryLocked(*st, now);
   if (mode == FanoutMode::kWrite) {
-    FanOutOnWrite(members, q.id, Seq(1), expiry, &f, &r.batch);
+    FanOutOnWrite(members, q.id, Seq(1), expiry, &f, &r);
   } else {
     // A new conversation has no ranges yet: no read needed.
     for (UserId u : members) f.ranges.emplace_back(u, std::vector<ReadRangeValue>());
@@ -746,15 +840,20 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
     UnlockUsers(&f);
     return fail(rs);
   }
+  const Timestamp now = clock_->Now();
+  absl::StatusOr<MessageId> id = NextId(now);
+  if (!id.ok()) {
+    UnlockUsers(&f);
+    return fail(id.status());
+  }
 
   // ---- Reserve: nothing below fails before Commit.
-  const Timestamp now = clock_->Now();
   const Seq seq(++st->assigned_seq);
   auto entry = std::make_shared<LogEntry>();
   entry->conversation = c;
   entry->seq = seq;
   entry->kind = add ? EntryKind::kMemberAdded : EntryKind::kMemberRemoved;
-  entry->id = ids_.Next(ToMicros(now) / 1000);
+  entry->id = *id;
   entry->server_time = now;
   entry->sender = actor;
   entry->subjects = {user};
@@ -782,9 +881,10 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
   st->mode = mode;
 
   GroupCommitter::Request r;
+  ReserveSeqLocked(*st, seq.value(), &r);
   const uint64_t expiry = RetentionExpiryLocked(*st, now);
   if (mode == FanoutMode::kWrite) {
-    FanOutOnWrite(everyone, c, seq, expiry, &f, &r.batch);
+    FanOutOnWrite(everyone, c, seq, expiry, &f, &r);
   }
   // Gates: the user-stream position each ranged user is at before this entry
   // (f.locked holds exactly the ranged users, sorted, in read mode; all of
@@ -1130,16 +1230,22 @@ std::optional<absl::StatusOr<SendResult>> EngineImpl::ReserveSend(
     if (!members.ok()) return fail(members.status());
     if (absl::Status ls = LockUsers(*members, &f); !ls.ok()) return fail(ls);
   }
+  const Timestamp now = clock_->Now();
+  absl::StatusOr<MessageId> id = NextId(now);
+  if (!id.ok()) {
+    UnlockUsers(&f);
+    return fail(id.status());
+  }
 
   // ---- Reserve: nothing below fails before Commit.
-  const Timestamp now = clock_->Now();
   SendResult& result = out->result;
   result.server_time = now;
-  result.id = ids_.Next(ToMicros(now) / 1000);
+  result.id = *id;
   result.seq = Seq(++st->assigned_seq);
 
   out->request = std::make_unique<GroupCommitter::Request>();
   GroupCommitter::Request& r = *out->request;
+  ReserveSeqLocked(*st, result.seq.value(), &r);
   const uint64_t expiry = RetentionExpiryLocked(*st, now);
   std::string value;
   value.reserve(q.payload.size() + 64);
@@ -1165,7 +1271,7 @@ std::optional<absl::StatusOr<SendResult>> EngineImpl::ReserveSend(
     std::vector<UserId> targets;
     targets.reserve(f.locked.size());
     for (const auto& u : f.locked) targets.push_back(u->id);
-    FanOutOnWrite(targets, q.conversation, result.seq, expiry, &f, &r.batch);
+    FanOutOnWrite(targets, q.conversation, result.seq, expiry, &f, &r);
   }
   auto entry = std::make_shared<LogEntry>();
   entry->conversation = q.conversation;
@@ -1663,9 +1769,19 @@ absl::Status EngineImpl::Close() {
   // commit thread. Outside ops_mu_: the last completion may still be
   // leaving through it.
   committer_.Stop();
-  // Buffered writes become durable; the storage itself closes when its last
-  // owner lets go (the host may hand it to a new engine).
-  return storage->SyncWal();
+  id_reservation_.Detach();
+  // Buffered writes become durable with the record of a clean close (the
+  // next open then knows nothing was lost); the storage itself closes when
+  // its last owner lets go (the host may hand it to a new engine).
+  WriteBatch clean;
+  clean.Put(Space::kMeta, keys::OpenRecordKey(),
+            EncodeOpenRecord({.generation = generation_,
+                              .loss_generation = loss_generation_,
+                              .clean = true,
+                              .buffered = options_.durability ==
+                                          Durability::kBuffered,
+                              .boot_id = boot_id_}));
+  return storage->Write(clean, {.sync = true});
 }
 
 }  // namespace parley

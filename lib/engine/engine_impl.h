@@ -15,6 +15,7 @@
 #include "common/mutex.h"
 #include "dedup/inflight_sends.h"
 #include "delivery/delivery_manager.h"
+#include "ids/id_reservation.h"
 #include "ids/message_id_generator.h"
 #include "parley/engine.h"
 #include "sequencer/state_cache.h"
@@ -24,7 +25,15 @@ namespace parley {
 
 class EngineImpl final : public Engine, private HeadSource {
  public:
-  EngineImpl(Options options, MessageId id_floor);
+  // What Engine::Open found and recorded before the engine starts.
+  struct OpenState {
+    MessageId id_floor;             // every id issued is above it
+    int64_t id_limit_millis = 0;    // keys::IdLimitKey as stored
+    uint64_t generation = 0;        // this run (OpenRecord)
+    uint64_t loss_generation = 0;   // last open after a power loss
+    std::string boot_id;
+  };
+  EngineImpl(Options options, OpenState open);
   ~EngineImpl() override;
 
   absl::Status CreateConversation(
@@ -97,8 +106,24 @@ class EngineImpl final : public Engine, private HeadSource {
   // Locks the update streams of `users` (sorted, distinct) in order.
   absl::Status LockUsers(const std::vector<UserId>& users, Fanout* f);
   // Records entry `seq` in the update streams of `targets` (already locked).
+  // A batch that raises a pts limit needs a sync (r->needs_sync).
   void FanOutOnWrite(const std::vector<UserId>& targets, ConversationId c,
-                     Seq seq, uint64_t expiry, Fanout* f, WriteBatch* batch);
+                     Seq seq, uint64_t expiry, Fanout* f,
+                     GroupCommitter::Request* r);
+  // kBuffered: if `seq` is past the stored seq limit, raises it by a block in
+  // r's batch and marks r as needing a sync. Call for every seq assigned.
+  void ReserveSeqLocked(ConversationState& st, uint64_t seq,
+                        GroupCommitter::Request* r)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(st.mu);
+  // A message id, covered by the durable id limit (kBuffered). Unavailable if
+  // the limit could not be raised; nothing else is reserved then.
+  absl::StatusOr<MessageId> NextId(Timestamp now);
+  // After a power loss: seqs (head, limit] of a conversation whose limit was
+  // stored before it may have been acknowledged and lost. Writes them as
+  // kLost entries, the head and a limit of this generation.
+  absl::Status RecordLostSeqsLocked(ConversationState& st, uint64_t head,
+                                    uint64_t limit)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(st.mu);
   // Reads the current read ranges of `users` (sorted) in c into f->ranges.
   absl::Status ReadRangesForChange(const std::vector<UserId>& users,
                                    ConversationId c, Fanout* f);
@@ -206,6 +231,10 @@ class EngineImpl final : public Engine, private HeadSource {
   std::shared_ptr<Storage> storage_;  // reset by Close()
   const std::shared_ptr<Clock> clock_;
   MessageIdGenerator ids_;
+  const uint64_t generation_;
+  const uint64_t loss_generation_;
+  const std::string boot_id_;
+  IdReservation id_reservation_;
   GroupCommitter committer_;
   ConversationCache cache_;
   UserStreamCache users_;

@@ -28,6 +28,12 @@ uint64_t MessageIdGenerator::Make(int64_t unix_millis,
          (static_cast<uint64_t>(node_id_) << kIdSequenceBits) | sequence;
 }
 
+MessageId MessageIdGenerator::FloorAt(int64_t unix_millis) {
+  const uint64_t millis =
+      static_cast<uint64_t>(std::max<int64_t>(unix_millis - kIdEpochMillis, 0));
+  return MessageId((millis << kMillisShift) | kSequenceMask);
+}
+
 MessageId MessageIdGenerator::Next(int64_t unix_millis) {
   const uint64_t from_clock = Make(unix_millis, 0);
   uint64_t last = last_.load(std::memory_order_relaxed);

@@ -25,6 +25,15 @@ class MessageIdGenerator {
   // the next one borrowed. Thread-safe, lock-free.
   MessageId Next(int64_t unix_millis);
 
+  // A floor that puts every id of this generator after `unix_millis`: the
+  // millisecond is treated as fully used.
+  static MessageId FloorAt(int64_t unix_millis);
+
+  // The millisecond of `id` (its timestamp component).
+  static int64_t MillisOf(MessageId id) {
+    return DecodeMessageId(id).unix_millis;
+  }
+
  private:
   uint64_t Make(int64_t unix_millis, uint32_t sequence) const;
 

@@ -6,7 +6,21 @@
 //                 "p" user              -> pts limit (8 bytes): the highest
 //                                          update-stream position that may
 //                                          have been handed out; reserved in
-//                                          blocks, never expires
+//                                          blocks, never expires; then the
+//                                          engine generation that wrote it
+//                                          (8 bytes, absent = 0)
+//                 "s" conv              -> seq limit (8 bytes) and writer's
+//                                          generation (8 bytes): the highest
+//                                          seq that may have been handed out
+//                                          (kBuffered, reserved in fsynced
+//                                          blocks)
+//                 "o"                   -> OpenRecord (engine/open_record.h):
+//                                          generation, clean close, boot
+//                 "i"                   -> message ids may have been issued
+//                                          up to this unix millisecond (8
+//                                          bytes, fsynced ahead, kBuffered)
+//                 "f"                   -> id floor (8 bytes): ids start
+//                                          above it (set after a power loss)
 //   kLog          conv seq              -> expiry | LogRecord
 //   kMembers      conv user             -> MemberRecord
 //   kDedup        user device client_id -> expiry | DedupRecord
@@ -47,6 +61,16 @@ inline std::string PtsLimitKey(UserId u) {
   PutFixed64BE(&k, u.value());
   return k;
 }
+
+inline std::string SeqLimitKey(ConversationId c) {
+  std::string k("s");
+  PutFixed64BE(&k, c.value());
+  return k;
+}
+
+inline std::string OpenRecordKey() { return "o"; }
+inline std::string IdLimitKey() { return "i"; }
+inline std::string IdFloorKey() { return "f"; }
 
 inline std::string LogKey(ConversationId c, Seq s) {
   std::string k;

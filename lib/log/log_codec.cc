@@ -166,7 +166,7 @@ absl::Status DecodeLogValue(std::string_view value, LogEntry* e) {
     }
     if (!ok) return Corrupt("log entry");
   }
-  if (kind < 1 || kind > 4) return Corrupt("log entry kind");
+  if (kind < 1 || kind > 5) return Corrupt("log entry kind");
   e->kind = static_cast<EntryKind>(kind);
   e->id = MessageId(message_id);
   e->server_time = FromMicros(static_cast<int64_t>(time));

@@ -54,7 +54,12 @@ void GroupCommitter::LeadLocked(std::vector<Request*>* finished) {
   mu_.Unlock();
 
   absl::Status status;
-  const StorageWriteOptions options{.sync = sync_};
+  // A request that raises a stored limit is fsynced with its whole group
+  // (also in kBuffered); groups are written one after the other, so nothing
+  // queued behind it is acknowledged before that fsync returned.
+  bool sync = sync_;
+  for (const Request* g : group) sync = sync || g->needs_sync;
+  const StorageWriteOptions options{.sync = sync};
   if (group.size() == 1) {
     status = storage_->Write(group[0]->batch, options);
   } else {

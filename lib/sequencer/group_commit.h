@@ -55,6 +55,10 @@ class GroupCommitter {
   struct Request {
     WriteBatch batch;
     uint64_t epoch = 0;  // epoch() read when the batch's state was validated
+    // The batch raises a stored limit (seq, pts) that later kBuffered sends
+    // rely on: it must be fsynced before it is acknowledged, even in
+    // kBuffered (a group holding one is synced as a whole).
+    bool needs_sync = false;
     bool done = false;
     absl::Status status;
     // Set: an asynchronous request (see above). on_written is optional.

@@ -43,6 +43,10 @@ struct ConversationState {
   uint64_t assigned_seq ABSL_GUARDED_BY(mu) = 0;
   // Last seq known to be in storage.
   uint64_t committed_seq ABSL_GUARDED_BY(mu) = 0;
+  // The stored seq limit (keys::SeqLimitKey, kBuffered): seqs up to it may
+  // have been handed out. Raised in blocks of kSeqBlock by a batch that is
+  // fsynced, so it is durable before any seq it covers is acknowledged.
+  uint64_t seq_limit ABSL_GUARDED_BY(mu) = 0;
   uint32_t member_count ABSL_GUARDED_BY(mu) = 0;
   FanoutMode mode ABSL_GUARDED_BY(mu) = FanoutMode::kWrite;
   // Current members with their join seq, sorted by user, when member_count
@@ -68,6 +72,10 @@ struct ConversationState {
 inline constexpr size_t kMaxCachedMembers = 1024;
 // Update-stream positions are reserved in storage this many at a time.
 inline constexpr uint64_t kPtsBlock = 4096;
+// Seqs are reserved this many at a time in kBuffered: one fsync per block
+// per conversation; after a power loss at most kSeqBlock - 1 seqs of a
+// conversation become kLost entries.
+inline constexpr uint64_t kSeqBlock = 4096;
 
 // The per-user update-stream counter (pts): the sequencer of fan-out on
 // write. Guarded like ConversationState.
@@ -81,7 +89,8 @@ struct UserStreamState {
   uint64_t assigned_pts ABSL_GUARDED_BY(mu) = 0;
   uint64_t committed_pts ABSL_GUARDED_BY(mu) = 0;
   // The stored pts limit (keys::PtsLimitKey): positions up to it may have
-  // been handed out. Raised in blocks in the batch that first passes it.
+  // been handed out. Raised in blocks in the batch that first passes it,
+  // which is fsynced (also in kBuffered).
   uint64_t limit ABSL_GUARDED_BY(mu) = 0;
   // Expiry of the stream's last entry: entries get at least this expiry, so
   // expiry is monotonic along the stream and compaction only ever drops a

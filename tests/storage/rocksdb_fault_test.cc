@@ -883,6 +883,8 @@ class EngineRig {
     options.storage = db_.shared_storage();
     options.clock = db_.clock();
     options.durability = durability_;
+    // A simulated power loss is a reboot for the engine.
+    options.boot_id = "boot " + std::to_string(boot_);
     auto opened = Engine::Open(std::move(options));
     INFO(opened.status().ToString());
     REQUIRE(opened.ok());
@@ -907,11 +909,13 @@ class EngineRig {
     }
     db_.PowerLoss();
     db_.Open();
+    ++boot_;
     OpenEngine();
   }
 
  private:
   FaultyDb db_;
+  int boot_ = 1;
   const Durability durability_;
   std::unique_ptr<Engine> engine_;
 };
@@ -940,7 +944,9 @@ std::vector<LogEntry> History(Engine& e, ConversationId conversation) {
   return all;
 }
 
-// The log is dense from seq 1 and no (device, client id) appears twice.
+// The log is dense from seq 1 (after a kBuffered power loss the seqs that
+// may have been lost are kLost entries) and no (device, client id) appears
+// twice.
 void CheckDenseAndUnique(const std::vector<LogEntry>& log) {
   std::set<std::pair<uint64_t, std::string>> seen;
   for (size_t i = 0; i < log.size(); ++i) {
@@ -1033,13 +1039,23 @@ TEST_CASE("engine faults: kBuffered loses only a suffix of each conversation in 
       if (s.conversation != Conv(c)) continue;
       INFO("acked " << s.client_id << " at seq " << s.seq.value());
       const LogEntry* entry = EntryAt(log, s.seq);
-      if (entry == nullptr) {
-        ++lost;  // past the surviving head: part of the lost suffix
+      // The seq survives either with its message or as a kLost entry.
+      REQUIRE(entry != nullptr);
+      if (entry->kind == EntryKind::kLost) {
+        ++lost;  // part of the lost suffix
         continue;
       }
       CHECK(entry->payload == s.payload);
       CHECK(entry->id == s.id);
     }
+    // Lost is a suffix: no message after the first kLost entry.
+    const auto first_lost =
+        std::find_if(log.begin(), log.end(), [](const LogEntry& e) {
+          return e.kind == EntryKind::kLost;
+        });
+    CHECK(std::all_of(first_lost, log.end(), [](const LogEntry& e) {
+      return e.kind == EntryKind::kLost;
+    }));
   }
   INFO("lost " << lost << " of " << acked.size());
   // The sends after the last sync were not durable; the simulation does
@@ -1047,12 +1063,11 @@ TEST_CASE("engine faults: kBuffered loses only a suffix of each conversation in 
   CHECK(lost > 0);
 }
 
-// Fails on today's engine (issue 6, defect 4): the head is re-derived from
-// what survived, so the lost suffix's seqs and message ids are handed out
-// again. [!mayfail] keeps it reported without failing the run until the
-// sequencer stores a high-water mark; remove the tag then.
+// Issue 6, defect 4: the head used to be re-derived from what survived, so
+// the lost suffix's seqs and message ids were handed out again. Now seqs
+// are reserved in fsynced blocks and ids under an fsynced time limit.
 TEST_CASE("engine faults: after a kBuffered power loss no acknowledged seq or id is handed out again",
-          "[faults][engine][!mayfail]") {
+          "[faults][engine]") {
   const uint64_t seed = GENERATE(range(uint64_t{1}, SeedsEnd(3)));
   INFO("seed " << seed);
   EngineRig rig(seed, Durability::kBuffered);
@@ -1062,6 +1077,7 @@ TEST_CASE("engine faults: after a kBuffered power loss no acknowledged seq or id
   rig.PowerLossAndRestart();
   std::set<uint64_t> acked_ids;
   for (const Sent& s : acked) acked_ids.insert(s.id.value());
+  REQUIRE(!acked_ids.empty());
   for (int c = 0; c < kConversations; ++c) {
     uint64_t max_acked_seq = 0;
     for (const Sent& s : acked) {
@@ -1079,6 +1095,7 @@ TEST_CASE("engine faults: after a kBuffered power loss no acknowledged seq or id
     // with seq N (issue 6: "no seq or pts reused afterwards").
     CHECK(r->seq.value() > max_acked_seq);
     CHECK(acked_ids.count(r->id.value()) == 0);
+    CHECK(r->id.value() > *acked_ids.rbegin());
   }
 }
 

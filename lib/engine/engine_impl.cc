@@ -467,7 +467,7 @@ absl::StatusOr<std::vector<UserId>> EngineImpl::MembersLocked(
 }
 
 absl::Status EngineImpl::LockUsers(const std::vector<UserId>& users,
-                                   Fanout* f) {
+                                   uint64_t epoch, Fanout* f) {
   // Always in user id order: two conversations locking overlapping member
   // sets cannot deadlock.
   for (UserId u : users) {
@@ -475,6 +475,16 @@ absl::Status EngineImpl::LockUsers(const std::vector<UserId>& users,
     us->mu.Lock();
     f->locked.push_back(us);
     absl::Status s = LoadUserLocked(*us);
+    if (s.ok() && us->epoch != epoch) {
+      // A write failed since the conversation's state was validated (this
+      // stream was just loaded in the newer epoch). Group commit would
+      // refuse the batch, but the positions taken in this stream would stay
+      // taken: a hole in it, and gates waiting for a position that never
+      // comes. Refuse before reserving anything.
+      s = absl::UnavailableError(
+          "an earlier storage write failed; nothing of this request was "
+          "stored, retry it");
+    }
     if (!s.ok()) {
       for (auto& l : f->locked) l->mu.Unlock();
       f->locked.clear();
@@ -610,7 +620,9 @@ absl::Status EngineImpl::CreateConversation(
   const FanoutMode mode = policy_->Choose(q.kind, members.size());
   // Every fallible step comes before the reservation below.
   Fanout f;
-  if (absl::Status ls = LockUsers(members, &f); !ls.ok()) return fail(ls);
+  if (absl::Status ls = LockUsers(members, st->epoch, &f); !ls.ok()) {
+    return fail(ls);
+  }
 
   // ---- Reserve: nothing below fails before Commit.
   const Timestamp now = clock_->Now();
@@ -738,7 +750,7 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
   }
   Fanout f;
   if (absl::Status ls = LockUsers(mode == FanoutMode::kWrite ? everyone : ranged,
-                                  &f);
+                                  st->epoch, &f);
       !ls.ok()) {
     return fail(ls);
   }
@@ -1128,7 +1140,9 @@ std::optional<absl::StatusOr<SendResult>> EngineImpl::ReserveSend(
   if (mode == FanoutMode::kWrite) {
     auto members = MembersLocked(*st);
     if (!members.ok()) return fail(members.status());
-    if (absl::Status ls = LockUsers(*members, &f); !ls.ok()) return fail(ls);
+    if (absl::Status ls = LockUsers(*members, st->epoch, &f); !ls.ok()) {
+      return fail(ls);
+    }
   }
 
   // ---- Reserve: nothing below fails before Commit.

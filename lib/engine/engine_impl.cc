@@ -370,12 +370,20 @@ void EngineImpl::FinishFeed(ConversationState& st, Fanout& f, bool ok) {
   f.record->state.store(ok ? FeedRecord::kCommitted : FeedRecord::kFailed,
                         std::memory_order_release);
   st.feed.Drain([this](const FeedQueue::Item& item) {
-    delivery_.PublishConversation(*item.record);
+    if (item.record->state.load(std::memory_order_acquire) ==
+        FeedRecord::kCommitted) {
+      delivery_.PublishConversation(*item.record);
+    } else {
+      delivery_.PublishFailed(*item.record);  // outcome unknown
+    }
   });
   for (const auto& us : f.locked) {
     const UserId u = us->id;
     us->feed.Drain([this, u](const FeedQueue::Item& item) {
-      delivery_.PublishUser(u, *item.record, item.pts);
+      if (item.record->state.load(std::memory_order_acquire) ==
+          FeedRecord::kCommitted) {
+        delivery_.PublishUser(u, *item.record, item.pts);
+      }
     });
   }
 }

@@ -133,5 +133,61 @@ TEST_CASE(
   CHECK(payloads == std::vector<std::string>{"next"});
 }
 
+// ---------------------------------------------------------------------------
+// A membership change whose write reached storage but reported an error
+// (outcome unknown) was dropped from the commit feed, so delivery never
+// applied its range change (checker: I7, a removed member's device received
+// the conversation's later entries; and I8 for a missed join or switch).
+
+TEST_CASE(
+    "checker: a removal whose write reached storage but reported an error "
+    "still closes the removed member's stream",
+    "[regression][found_by_checker]") {
+  const std::string kind = GENERATE("memory", "rocksdb");
+  const Durability durability =
+      GENERATE(Durability::kBuffered, Durability::kSync);
+  INFO("backend " << kind << " sync " << (durability == Durability::kSync));
+  Watchdog dog("outcome-unknown removal (" + kind + ")");
+  TestEnv env(kind);
+  auto faulty = std::make_shared<FaultyStorage>(env.OpenStorage());
+  Options o = OptionsOver(env, faulty);
+  o.durability = durability;
+  o.fanout_policy = std::make_shared<FixedFanoutPolicy>(FanoutMode::kRead);
+  auto e = env.OpenEngine(o);
+  const ConversationId room{200};
+  CreateGroup(*e, room, {kAlice, kBob, kCarol});
+  TestDevice laptop(kBob, kLaptop);
+  laptop.Attach(*e);
+
+  // The removal's batch is applied, and the engine hears Unavailable.
+  std::atomic<bool> armed{true};
+  faulty->SetAfterHook([&](StorageOp op, Space, std::string_view,
+                           const absl::Status& result) {
+    if (op == StorageOp::kWrite && result.ok() && armed.exchange(false)) {
+      return absl::UnavailableError("injected: written, reported as failed");
+    }
+    return result;
+  });
+  auto removed = e->RemoveMember(room, kAlice, kBob);
+  faulty->SetAfterHook(nullptr);
+  INFO("remove: " << StatusText(removed));
+  REQUIRE(absl::IsUnavailable(removed.status()));
+  auto members = e->ListMembers(room);
+  REQUIRE(members.ok());
+  REQUIRE(members->size() == 2);  // it did take effect
+
+  auto later = SendAs(*e, kAlice, kPhone, room, "c-after", "after removal");
+  INFO("send: " << StatusText(later));
+  REQUIRE(later.ok());
+  laptop.AckAll(*e);
+
+  INFO("bob's laptop got " << ToString(laptop.AllDeliveries()));
+  for (const auto& d : laptop.AllDeliveries()) {
+    CHECK(d.entry->seq.value() <= 2);  // create 1, its removal 2
+  }
+  auto seen = laptop.FirstSeen(room);
+  CHECK(std::find(seen.begin(), seen.end(), 2) != seen.end());
+}
+
 }  // namespace
 }  // namespace parley::testing

@@ -1431,10 +1431,22 @@ absl::Status EngineImpl::MarkRead(UserId user, DeviceId device,
                                      " is past the head ",
                                      st->committed_seq)));
   }
-  auto stored = StoredRead(user, c);
-  if (!stored.ok()) return fail(stored.status());
-  if (up_to.value() <= std::max(*stored, PendingReadLocked(*st, user))) {
-    return fail(absl::OkStatus());  // monotonic: nothing to do
+  while (true) {
+    auto stored = StoredRead(user, c);
+    if (!stored.ok()) return fail(stored.status());
+    if (up_to.value() <= *stored) {
+      return fail(absl::OkStatus());  // monotonic: nothing to do
+    }
+    if (up_to.value() > PendingReadLocked(*st, user)) break;
+    // A position at or above this one is being written. It may still fail,
+    // so this call is not done before it landed: wait for it, then look
+    // again (a lower value written behind it would move the position back).
+    const uint64_t epoch = st->epoch;
+    st->mu.Await([&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      return PendingReadLocked(*st, user) < up_to.value() ||
+             committer_.epoch() != epoch;
+    });
+    if (absl::Status s = LoadExistingLocked(*st); !s.ok()) return fail(s);
   }
   std::vector<UserId> receipt_to;
   if (st->mode == FanoutMode::kWrite) {
@@ -1467,14 +1479,15 @@ absl::StatusOr<ReadState> EngineImpl::GetReadState(UserId user,
                                                    ConversationId c) {
   OpGuard guard(this);
   PARLEY_RETURN_IF_ERROR(guard.status());
-  uint64_t head, pending;
+  // Only what is stored: a position still being written may fail, and a
+  // later call would read lower.
+  uint64_t head;
   std::optional<Seq> join;
   {
     auto st = cache_.Acquire(c);
     MutexLock lock(&st->mu);
     PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
     head = st->committed_seq;
-    pending = PendingReadLocked(*st, user);
     auto j = CurrentJoinLocked(*st, user);
     if (!j.ok()) return j.status();
     join = *j;
@@ -1489,7 +1502,7 @@ absl::StatusOr<ReadState> EngineImpl::GetReadState(UserId user,
     }
   }
   ReadState out;
-  out.read_up_to = Seq(std::max(*stored, pending));
+  out.read_up_to = Seq(*stored);
   out.head = Seq(head);
   if (join.has_value()) {
     const uint64_t seen =

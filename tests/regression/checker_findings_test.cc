@@ -189,5 +189,58 @@ TEST_CASE(
   CHECK(std::find(seen.begin(), seen.end(), 2) != seen.end());
 }
 
+// ---------------------------------------------------------------------------
+// MarkRead returned OK at once when a position at or above it was still being
+// written (kSync), and GetReadState reported that pending position; when the
+// write failed, the OK MarkRead was lost and GetReadState went back (checker:
+// I9, a read position moving backwards, also across a restart).
+
+TEST_CASE(
+    "checker: a MarkRead covered by one still being written is not OK before "
+    "that one landed",
+    "[regression][found_by_checker]") {
+  const std::string kind = GENERATE("memory", "rocksdb");
+  INFO("backend " << kind);
+  Watchdog dog("mark read behind a failing one (" + kind + ")");
+  TestEnv env(kind);
+  auto faulty = std::make_shared<FaultyStorage>(env.OpenStorage());
+  Options o = OptionsOver(env, faulty);
+  o.durability = Durability::kSync;
+  auto e = env.OpenEngine(o);
+  const ConversationId room{300};
+  CreateGroup(*e, room, {kAlice, kBob});
+  REQUIRE(SendAs(*e, kBob, kPhone, room, "c-1", "hello").ok());  // seq 2
+
+  Scene scene;
+  scene.OnExit([&] { faulty->SetHook(nullptr); });
+  faulty->SetHook([&](StorageOp op, Space, std::string_view) {
+    if (ThreadRole() == "first" && op == StorageOp::kWrite) {
+      scene.HoldOnce("first write");
+      return InjectedWrite();  // the first MarkRead fails after all
+    }
+    return absl::OkStatus();
+  });
+  absl::Status first = absl::UnknownError("not run");
+  absl::Status second = absl::UnknownError("not run");
+  scene.Start("first", [&] { first = e->MarkRead(kAlice, kPhone, room, Seq(2)); });
+  REQUIRE(scene.WaitHeld("first write", kMustHappen));
+  scene.Start("second",
+              [&] { second = e->MarkRead(kAlice, kLaptop, room, Seq(2)); });
+  // Today's engine returns at once; a fixed one waits for the first write.
+  scene.WaitDone("second", kGrace);
+  scene.Release("first write");
+  scene.JoinAll();
+  faulty->SetHook(nullptr);
+  INFO("first: " << first.ToString() << " second: " << second.ToString());
+  REQUIRE(absl::IsUnavailable(first));
+  if (second.ok()) {
+    auto state = e->GetReadState(kAlice, room);
+    REQUIRE(state.ok());
+    CHECK(state->read_up_to == Seq(2));
+  }
+  // Without faults, the position is durable.
+  CHECK(second.ok());
+}
+
 }  // namespace
 }  // namespace parley::testing

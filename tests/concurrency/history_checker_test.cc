@@ -338,6 +338,28 @@ TEST_CASE("history checker: too many unacked deliveries is I10",
   CHECK(b.Check().count("I10"));
 }
 
+TEST_CASE(
+    "history checker: an ack running across a reattach counts on the new "
+    "connection for I10",
+    "[concurrency][checker]") {
+  Builder b = Clean();
+  for (uint64_t s = 3; s <= 6; ++s) b.Send(Msg(1, s, 1, 11, "m" + std::to_string(s)));
+  // The old sink acks 4 (it had it) while u2/d21 reattaches; the ack ends
+  // after the attach did and took effect on the new session, which then
+  // hands out 3..6: two of them unacked, within max_in_flight = 3.
+  b.Attach(2, 21, 5);
+  const size_t attach = b.h.size() - 1;
+  b.Ack(2, 21, 4);
+  const size_t ack = b.h.size() - 1;
+  b.h[attach].end = b.h[ack].begin + 1;
+  b.h[ack].end = b.h[ack].begin + 2;
+  for (size_t i = 0; i < 2; ++i) b.Add(Record{.call = Call::kNextTimerDue});
+  for (uint64_t s = 3; s <= 6; ++s) b.Deliver(2, 21, 5, s, b.log[s - 1]);
+  b.Ack(2, 21, 6);
+  b.Finish();
+  CHECK(b.Check().empty());
+}
+
 TEST_CASE("history checker: two threads inside one sink is S1",
           "[concurrency][checker]") {
   Builder b = Clean();

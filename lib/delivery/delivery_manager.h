@@ -16,9 +16,11 @@
 // fan-out modes (see records.proto ReadRange).
 //
 // What delivery knows of the log comes from two places only: storage, read
-// when a device attaches (after it registered), and the sequencer's commit
-// feed (sequencer/commit_feed.h), which publishes each conversation's records
-// in seq order and each user's in pts order. known_head moves only with
+// when a device attaches (after it registered) or when the feed reports a
+// failed write whose outcome is unknown (PublishFailed: the ranges it would
+// have changed, read the same way), and the sequencer's commit feed
+// (sequencer/commit_feed.h), which publishes each conversation's records in
+// seq order and each user's in pts order. known_head moves only with
 // them, and read ranges (membership and mode changes) arrive in the same
 // records, so a stream never delivers past a change it has not applied yet.
 // Ranges carry a version (the seq that last changed them); whichever of the

@@ -818,12 +818,13 @@ class Checker {
         c.open.clear();
         c.acked.clear();
         for (const auto& p : r.positions) c.acked[p.stream] = p.position;
-        // An ack still running when the attach ended (the old sink acking a
-        // delivery it had) may take effect on the new connection: it counts
-        // there too, as acks count from their begin.
+        // An ack made while the attach ran (the old sink acking what it had,
+        // or the new one acking what the new session handed out before
+        // Attach returned) may have taken effect on the new session: it
+        // counts there too, as acks count from their begin.
         for (size_t j : ok_acks[k]) {
           const Record& a = h_[j];
-          if (a.begin < r.end && a.end > r.end) {
+          if (a.begin < r.end && a.end > r.begin) {
             uint64_t& acked = c.acked[a.stream];
             acked = std::max(acked, a.position);
           }

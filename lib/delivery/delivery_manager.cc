@@ -913,7 +913,15 @@ absl::Status DeliveryManager::Ack(UserId u, DeviceId d, StreamId stream,
     // skipped in between carried nothing for this device).
     const uint64_t acked =
         split == s->inflight.end() ? s->sent : split->position - 1;
-    PARLEY_RETURN_IF_ERROR(WriteAck(*dev, *s, acked, done));
+    // An earlier ack whose write failed may have reached storage (outcome
+    // unknown): the cursor written now is never below it, or the durable
+    // cursor could move back. (The session still counts only this ack.)
+    const uint64_t cursor = std::max(acked, s->unknown_ack);
+    if (absl::Status ws = WriteAck(*dev, *s, cursor, done); !ws.ok()) {
+      s->unknown_ack = cursor;
+      return ws;
+    }
+    if (acked >= s->unknown_ack) s->unknown_ack = 0;
     s->inflight.erase(s->inflight.begin(), split);
     dev->in_flight -= done.size();
     s->acked = acked;

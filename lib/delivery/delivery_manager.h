@@ -140,6 +140,9 @@ class DeliveryManager {
     explicit Stream(StreamId s) : id(s) {}
     StreamId id;
     uint64_t acked = 0;
+    // The highest cursor a failed ack write may have stored (outcome
+    // unknown); every later ack writes at least that (0: none).
+    uint64_t unknown_ack = 0;
     uint64_t sent = 0;
     uint64_t known_head = 0;
     std::vector<InFlight> inflight;  // ascending positions

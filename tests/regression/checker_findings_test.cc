@@ -242,5 +242,53 @@ TEST_CASE(
   CHECK(second.ok());
 }
 
+// ---------------------------------------------------------------------------
+// An ack whose write reached storage but reported an error left the session's
+// acked position behind the stored cursor; a lower ack then wrote the cursor
+// back (checker: I9, Attach and Positions below an earlier Positions).
+
+TEST_CASE(
+    "checker: an ack after one whose write reached storage but reported an "
+    "error never moves the durable cursor back",
+    "[regression][found_by_checker]") {
+  const std::string kind = GENERATE("memory", "rocksdb");
+  INFO("backend " << kind);
+  Watchdog dog("ack after an outcome-unknown ack (" + kind + ")");
+  TestEnv env(kind);
+  auto faulty = std::make_shared<FaultyStorage>(env.OpenStorage());
+  auto e = env.OpenEngine(OptionsOver(env, faulty));
+  TestDevice laptop(kBob, kLaptop);
+  laptop.Attach(*e);
+  CreateDirect(*e, kAliceBob, kAlice, kBob);  // pts 1
+  for (int i = 0; i < 2; ++i) {               // pts 2, 3
+    REQUIRE(SendAs(*e, kAlice, kPhone, kAliceBob, "c-" + std::to_string(i),
+                   "m" + std::to_string(i))
+                .ok());
+  }
+  REQUIRE(laptop.DeliveredHeads()[StreamId::User()] == 3);
+
+  faulty->SetAfterHook([&](StorageOp op, Space, std::string_view,
+                           const absl::Status& result) {
+    if (op == StorageOp::kWrite && result.ok()) {
+      return absl::UnavailableError("injected: written, reported as failed");
+    }
+    return result;
+  });
+  absl::Status lost = e->Ack(kBob, kLaptop, StreamId::User(), 3);
+  faulty->SetAfterHook(nullptr);
+  INFO("ack 3: " << lost.ToString());
+  REQUIRE(absl::IsUnavailable(lost));
+  auto before = e->Positions(kBob, kLaptop);
+  REQUIRE(before.ok());
+  REQUIRE(before->at(0).position == 3);  // it reached storage
+
+  absl::Status late = e->Ack(kBob, kLaptop, StreamId::User(), 2);
+  INFO("ack 2: " << late.ToString());
+  REQUIRE(late.ok());
+  auto after = e->Positions(kBob, kLaptop);
+  REQUIRE(after.ok());
+  CHECK(after->at(0).position >= 3);
+}
+
 }  // namespace
 }  // namespace parley::testing

@@ -314,6 +314,7 @@ void DeliveryManager::ResetLocked(const DevicePtr& d) {
   d->user_stream = Stream(StreamId::User());
   d->conversations.clear();
   d->done_versions.clear();
+  d->unknown.clear();
   d->in_flight = 0;
 }
 
@@ -327,6 +328,12 @@ void DeliveryManager::UnregisterLocked(const DevicePtr& d) {
 void DeliveryManager::ApplyRangesLocked(const DevicePtr& d, ConversationId c,
                                         const std::vector<ReadRangeValue>& ranges,
                                         uint64_t version) {
+  // Ranges as of a seq at or past a failed write's are read after it
+  // (storage held its outcome then): they settle it.
+  if (auto u = d->unknown.find(c.value());
+      u != d->unknown.end() && version >= u->second) {
+    d->unknown.erase(u);
+  }
   auto it = d->conversations.find(c.value());
   if (it != d->conversations.end()) {
     if (version <= it->second.ranges_version) return;
@@ -356,6 +363,69 @@ void DeliveryManager::ApplyRangesLocked(const DevicePtr& d, ConversationId c,
   s.ranges_version = version;
   if (done != d->done_versions.end()) d->done_versions.erase(done);
   Follow(d, c.value());
+}
+
+absl::Status DeliveryManager::RereadRangesLocked(const DevicePtr& d,
+                                                 uint64_t c) {
+  const ConversationId conv(c);
+  // As in Build: registered for the conversation's offers first, then the
+  // head, then the ranges (they reflect every change up to the head).
+  Follow(d, c);
+  auto head = heads_->ConversationHead(conv);
+  absl::Status s = head.status();
+  std::vector<ReadRangeValue> ranges;
+  uint64_t version = 0;
+  if (s.ok()) {
+    std::string value;
+    s = storage_->Get(Space::kUserIndex, keys::UserIndexKey(d->user, conv),
+                      &value);
+    if (s.ok()) {
+      s = DecodeReadRanges(value, &ranges, &version);
+    } else if (absl::IsNotFound(s)) {
+      s = absl::OkStatus();
+    }
+  }
+  if (!s.ok()) {
+    if (!d->conversations.contains(c)) Unfollow(d, c);
+    return s;
+  }
+  d->unknown.erase(c);
+  // Only a change the device has not applied yet: a stored version at or
+  // below what it knows means the failed write did not change them (and a
+  // finished stretch must not be taken for a new one).
+  uint64_t known = 0;
+  if (auto it = d->conversations.find(c); it != d->conversations.end()) {
+    known = it->second.ranges_version;
+  } else if (auto dv = d->done_versions.find(c); dv != d->done_versions.end()) {
+    known = dv->second;
+  }
+  if (version > known) {
+    ApplyRangesLocked(d, conv, ranges, std::max(version, *head));
+  }
+  auto it = d->conversations.find(c);
+  if (it == d->conversations.end()) {
+    Unfollow(d, c);
+  } else {
+    it->second.known_head = std::max(it->second.known_head, *head);
+  }
+  return absl::OkStatus();
+}
+
+void DeliveryManager::ResolveUnknownLocked(Device& d) {
+  if (d.unknown.empty()) return;
+  const DevicePtr self = d.shared_from_this();
+  std::vector<uint64_t> convs;
+  for (const auto& [c, seq] : d.unknown) convs.push_back(c);
+  std::sort(convs.begin(), convs.end());
+  for (uint64_t c : convs) {
+    absl::Status s = RereadRangesLocked(self, c);
+    (void)s;  // still unknown: blocked until a later pump reads it
+  }
+}
+
+bool DeliveryManager::Unknown(const Device& d, uint64_t c, uint64_t seq) {
+  auto it = d.unknown.find(c);
+  return it != d.unknown.end() && seq >= it->second;
 }
 
 void DeliveryManager::MaybeFinishLocked(const DevicePtr& d, uint64_t c) {
@@ -559,6 +629,11 @@ bool DeliveryManager::PumpUser(Device& d) {
       // conversation stream before a switch to write fan-out go first. Each
       // seq belongs to one mode; a stretch still covering this seq would
       // mean this device's view of the conversation is behind (wait for it).
+      // Its conversation's ranges may have been changed by a failed write:
+      // wait until they were read again.
+      if (Unknown(d, entry->conversation.value(), entry->seq.value())) {
+        return progress;
+      }
       auto cit = d.conversations.find(entry->conversation.value());
       if (cit != d.conversations.end()) {
         const uint64_t seq = entry->seq.value();
@@ -589,6 +664,7 @@ bool DeliveryManager::PumpConversation(Device& d, Stream& s) {
     const ReadRangeValue* range = nullptr;
     const uint64_t next = NextInRanges(s.ranges, s.sent, &range);
     if (next == 0 || next > s.known_head) break;
+    if (Unknown(d, s.id.conversation.value(), next)) break;
     // Gate: what reached the user stream before this stretch goes first.
     if (range->gate_pts > d.user_stream.sent) break;
     auto it = s.early.find(next);
@@ -614,6 +690,7 @@ bool DeliveryManager::PumpConversation(Device& d, Stream& s) {
 
 void DeliveryManager::Pump(Device& d) {
   if (!d.attached && !d.pull) return;
+  ResolveUnknownLocked(d);
   bool progress = true;
   while (progress) {
     progress = PumpUser(d);
@@ -698,6 +775,23 @@ void DeliveryManager::PublishConversation(const FeedRecord& record) {
       Pump(*d);
     }
     Drain(d);
+  }
+}
+
+void DeliveryManager::PublishFailed(const FeedRecord& record) {
+  const uint64_t c = record.entry->conversation.value();
+  const uint64_t seq = record.entry->seq.value();
+  for (const auto& [u, ranges] : record.ranges) {
+    for (const DevicePtr& d : DevicesOf(u)) {
+      {
+        MutexLock lock(&d->mu);
+        if (!d->attached) continue;
+        auto [it, inserted] = d->unknown.try_emplace(c, seq);
+        if (!inserted) it->second = std::min(it->second, seq);
+        Pump(*d);  // re-reads the ranges first
+      }
+      Drain(d);
+    }
   }
 }
 
@@ -819,7 +913,15 @@ absl::Status DeliveryManager::Ack(UserId u, DeviceId d, StreamId stream,
     // skipped in between carried nothing for this device).
     const uint64_t acked =
         split == s->inflight.end() ? s->sent : split->position - 1;
-    PARLEY_RETURN_IF_ERROR(WriteAck(*dev, *s, acked, done));
+    // An earlier ack whose write failed may have reached storage (outcome
+    // unknown): the cursor written now is never below it, or the durable
+    // cursor could move back. (The session still counts only this ack.)
+    const uint64_t cursor = std::max(acked, s->unknown_ack);
+    if (absl::Status ws = WriteAck(*dev, *s, cursor, done); !ws.ok()) {
+      s->unknown_ack = cursor;
+      return ws;
+    }
+    if (acked >= s->unknown_ack) s->unknown_ack = 0;
     s->inflight.erase(s->inflight.begin(), split);
     dev->in_flight -= done.size();
     s->acked = acked;

@@ -16,9 +16,11 @@
 // fan-out modes (see records.proto ReadRange).
 //
 // What delivery knows of the log comes from two places only: storage, read
-// when a device attaches (after it registered), and the sequencer's commit
-// feed (sequencer/commit_feed.h), which publishes each conversation's records
-// in seq order and each user's in pts order. known_head moves only with
+// when a device attaches (after it registered) or when the feed reports a
+// failed write whose outcome is unknown (PublishFailed: the ranges it would
+// have changed, read the same way), and the sequencer's commit feed
+// (sequencer/commit_feed.h), which publishes each conversation's records in
+// seq order and each user's in pts order. known_head moves only with
 // them, and read ranges (membership and mode changes) arrive in the same
 // records, so a stream never delivers past a change it has not applied yet.
 // Ranges carry a version (the seq that last changed them); whichever of the
@@ -94,6 +96,13 @@ class DeliveryManager {
   // Applies `u`'s range change (if any) and offers the entry at `pts`
   // (nonzero in write fan-out) to u's devices.
   void PublishUser(UserId u, const FeedRecord& record, uint64_t pts);
+  // A record whose write failed, at its place in the conversation's queue.
+  // The outcome is unknown (the batch may have reached storage): the devices
+  // of the users whose ranges it would have changed re-read those ranges
+  // from storage, and deliver nothing of the conversation from its seq on
+  // until they did. (Its entry, if stored, is read from storage like any
+  // catch-up.)
+  void PublishFailed(const FeedRecord& record);
   // Whether any device of u is attached / follows c.
   bool AnyOnline(UserId u);
   bool AnyOnline(ConversationId c);
@@ -131,6 +140,9 @@ class DeliveryManager {
     explicit Stream(StreamId s) : id(s) {}
     StreamId id;
     uint64_t acked = 0;
+    // The highest cursor a failed ack write may have stored (outcome
+    // unknown); every later ack writes at least that (0: none).
+    uint64_t unknown_ack = 0;
     uint64_t sent = 0;
     uint64_t known_head = 0;
     std::vector<InFlight> inflight;  // ascending positions
@@ -140,7 +152,7 @@ class DeliveryManager {
     uint64_t ranges_version = 0;         // seq that last changed `ranges`
   };
   using Outgoing = std::variant<Delivery, Event>;
-  struct Device {
+  struct Device : std::enable_shared_from_this<Device> {
     Device(UserId u, DeviceId d)
         : user(u), device(d), user_stream(StreamId::User()) {}
     const UserId user;
@@ -161,6 +173,10 @@ class DeliveryManager {
     // Conversations known to be finished for this device: the version of
     // the ranges that said so (older feed records are ignored).
     absl::flat_hash_map<uint64_t, uint64_t> done_versions ABSL_GUARDED_BY(mu);
+    // Conversations whose ranges a failed write may have changed, with the
+    // seq of its entry: nothing of them from that seq on is delivered until
+    // the ranges were re-read (PublishFailed) or a later feed record set them.
+    absl::flat_hash_map<uint64_t, uint64_t> unknown ABSL_GUARDED_BY(mu);
     size_t in_flight ABSL_GUARDED_BY(mu) = 0;
     std::vector<Outgoing> outbox ABSL_GUARDED_BY(mu);
     bool draining ABSL_GUARDED_BY(mu) = false;
@@ -181,6 +197,16 @@ class DeliveryManager {
   void ApplyRangesLocked(const DevicePtr& d, ConversationId c,
                          const std::vector<ReadRangeValue>& ranges,
                          uint64_t version) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d->mu);
+  // Re-reads the ranges of (d.user, c) from storage as Build does (follow,
+  // head, then ranges) and applies them; clears d.unknown[c] on success.
+  absl::Status RereadRangesLocked(const DevicePtr& d, uint64_t c)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(d->mu);
+  // RereadRangesLocked for every conversation in d.unknown (errors leave
+  // them blocked; the next pump tries again).
+  void ResolveUnknownLocked(Device& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
+  // Whether seq `seq` of c waits for its ranges to be re-read.
+  static bool Unknown(const Device& d, uint64_t c, uint64_t seq)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
   // Takes d out of devices_ (if it is still the registered object).
   void UnregisterLocked(const DevicePtr& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d->mu);
   // Removes the "nothing to deliver here" placeholders a failed fetch put in.

@@ -450,12 +450,20 @@ void EngineImpl::FinishFeed(ConversationState& st, Fanout& f, bool ok) {
   f.record->state.store(ok ? FeedRecord::kCommitted : FeedRecord::kFailed,
                         std::memory_order_release);
   st.feed.Drain([this](const FeedQueue::Item& item) {
-    delivery_.PublishConversation(*item.record);
+    if (item.record->state.load(std::memory_order_acquire) ==
+        FeedRecord::kCommitted) {
+      delivery_.PublishConversation(*item.record);
+    } else {
+      delivery_.PublishFailed(*item.record);  // outcome unknown
+    }
   });
   for (const auto& us : f.locked) {
     const UserId u = us->id;
     us->feed.Drain([this, u](const FeedQueue::Item& item) {
-      delivery_.PublishUser(u, *item.record, item.pts);
+      if (item.record->state.load(std::memory_order_acquire) ==
+          FeedRecord::kCommitted) {
+        delivery_.PublishUser(u, *item.record, item.pts);
+      }
     });
   }
 }
@@ -552,7 +560,7 @@ absl::StatusOr<std::vector<UserId>> EngineImpl::MembersLocked(
 }
 
 absl::Status EngineImpl::LockUsers(const std::vector<UserId>& users,
-                                   Fanout* f) {
+                                   uint64_t epoch, Fanout* f) {
   // Always in user id order: two conversations locking overlapping member
   // sets cannot deadlock.
   for (UserId u : users) {
@@ -560,6 +568,16 @@ absl::Status EngineImpl::LockUsers(const std::vector<UserId>& users,
     us->mu.Lock();
     f->locked.push_back(us);
     absl::Status s = LoadUserLocked(*us);
+    if (s.ok() && us->epoch != epoch) {
+      // A write failed since the conversation's state was validated (this
+      // stream was just loaded in the newer epoch). Group commit would
+      // refuse the batch, but the positions taken in this stream would stay
+      // taken: a hole in it, and gates waiting for a position that never
+      // comes. Refuse before reserving anything.
+      s = absl::UnavailableError(
+          "an earlier storage write failed; nothing of this request was "
+          "stored, retry it");
+    }
     if (!s.ok()) {
       for (auto& l : f->locked) l->mu.Unlock();
       f->locked.clear();
@@ -698,7 +716,9 @@ absl::Status EngineImpl::CreateConversation(
   const FanoutMode mode = policy_->Choose(q.kind, members.size());
   // Every fallible step comes before the reservation below.
   Fanout f;
-  if (absl::Status ls = LockUsers(members, &f); !ls.ok()) return fail(ls);
+  if (absl::Status ls = LockUsers(members, st->epoch, &f); !ls.ok()) {
+    return fail(ls);
+  }
   const Timestamp now = clock_->Now();
   absl::StatusOr<MessageId> id = NextId(now);
   if (!id.ok()) {
@@ -832,7 +852,7 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
   }
   Fanout f;
   if (absl::Status ls = LockUsers(mode == FanoutMode::kWrite ? everyone : ranged,
-                                  &f);
+                                  st->epoch, &f);
       !ls.ok()) {
     return fail(ls);
   }
@@ -1228,7 +1248,9 @@ std::optional<absl::StatusOr<SendResult>> EngineImpl::ReserveSend(
   if (mode == FanoutMode::kWrite) {
     auto members = MembersLocked(*st);
     if (!members.ok()) return fail(members.status());
-    if (absl::Status ls = LockUsers(*members, &f); !ls.ok()) return fail(ls);
+    if (absl::Status ls = LockUsers(*members, st->epoch, &f); !ls.ok()) {
+      return fail(ls);
+    }
   }
   const Timestamp now = clock_->Now();
   absl::StatusOr<MessageId> id = NextId(now);
@@ -1515,10 +1537,22 @@ absl::Status EngineImpl::MarkRead(UserId user, DeviceId device,
                                      " is past the head ",
                                      st->committed_seq)));
   }
-  auto stored = StoredRead(user, c);
-  if (!stored.ok()) return fail(stored.status());
-  if (up_to.value() <= std::max(*stored, PendingReadLocked(*st, user))) {
-    return fail(absl::OkStatus());  // monotonic: nothing to do
+  while (true) {
+    auto stored = StoredRead(user, c);
+    if (!stored.ok()) return fail(stored.status());
+    if (up_to.value() <= *stored) {
+      return fail(absl::OkStatus());  // monotonic: nothing to do
+    }
+    if (up_to.value() > PendingReadLocked(*st, user)) break;
+    // A position at or above this one is being written. It may still fail,
+    // so this call is not done before it landed: wait for it, then look
+    // again (a lower value written behind it would move the position back).
+    const uint64_t epoch = st->epoch;
+    st->mu.Await([&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      return PendingReadLocked(*st, user) < up_to.value() ||
+             committer_.epoch() != epoch;
+    });
+    if (absl::Status s = LoadExistingLocked(*st); !s.ok()) return fail(s);
   }
   std::vector<UserId> receipt_to;
   if (st->mode == FanoutMode::kWrite) {
@@ -1551,14 +1585,15 @@ absl::StatusOr<ReadState> EngineImpl::GetReadState(UserId user,
                                                    ConversationId c) {
   OpGuard guard(this);
   PARLEY_RETURN_IF_ERROR(guard.status());
-  uint64_t head, pending;
+  // Only what is stored: a position still being written may fail, and a
+  // later call would read lower.
+  uint64_t head;
   std::optional<Seq> join;
   {
     auto st = cache_.Acquire(c);
     MutexLock lock(&st->mu);
     PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
     head = st->committed_seq;
-    pending = PendingReadLocked(*st, user);
     auto j = CurrentJoinLocked(*st, user);
     if (!j.ok()) return j.status();
     join = *j;
@@ -1573,7 +1608,7 @@ absl::StatusOr<ReadState> EngineImpl::GetReadState(UserId user,
     }
   }
   ReadState out;
-  out.read_up_to = Seq(std::max(*stored, pending));
+  out.read_up_to = Seq(*stored);
   out.head = Seq(head);
   if (join.has_value()) {
     const uint64_t seen =

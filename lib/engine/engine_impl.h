@@ -103,8 +103,11 @@ class EngineImpl final : public Engine, private HeadSource {
   // The current members (cached list or a storage scan).
   absl::StatusOr<std::vector<UserId>> MembersLocked(ConversationState& st)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(st.mu);
-  // Locks the update streams of `users` (sorted, distinct) in order.
-  absl::Status LockUsers(const std::vector<UserId>& users, Fanout* f);
+  // Locks the update streams of `users` (sorted, distinct) in order, each
+  // loaded in `epoch` (the reserving conversation state's): Unavailable if
+  // one is of another epoch, since group commit would refuse the batch.
+  absl::Status LockUsers(const std::vector<UserId>& users, uint64_t epoch,
+                         Fanout* f);
   // Records entry `seq` in the update streams of `targets` (already locked).
   // A batch that raises a pts limit needs a sync (r->needs_sync).
   void FanOutOnWrite(const std::vector<UserId>& targets, ConversationId c,

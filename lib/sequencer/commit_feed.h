@@ -10,8 +10,9 @@
 // for a conversation, pts order for a user.
 //
 // A queue publishes its records strictly in that order, and only once each is
-// finished: committed records are handed to delivery, failed ones are dropped.
-// A record still being written holds back everything behind it. Whoever
+// finished (committed or failed: a failed write's outcome is unknown, it may
+// have reached storage, so delivery hears of it too, at its place). A record
+// still being written holds back everything behind it. Whoever
 // finishes a record drains the queues it is in; one drainer per queue at a
 // time, so delivery sees a conversation's (and a user's) records one by one,
 // in order, never concurrently.
@@ -73,8 +74,9 @@ class FeedQueue {
   // reservations for this queue's owner.
   void Append(std::shared_ptr<FeedRecord> record, uint64_t pts = 0);
 
-  // Publishes the finished prefix with `publish(item)` in order, outside the
-  // queue's lock, unless another thread is draining (it will see the prefix).
+  // Publishes the finished prefix (committed and failed records; see
+  // item.record->state) with `publish(item)` in order, outside the queue's
+  // lock, unless another thread is draining (it will see the prefix).
   template <typename F>
   void Drain(F&& publish) {
     mu_.Lock();
@@ -88,10 +90,7 @@ class FeedQueue {
       while (!items_.empty() &&
              items_.front().record->state.load(std::memory_order_acquire) !=
                  FeedRecord::kPending) {
-        if (items_.front().record->state.load(std::memory_order_acquire) ==
-            FeedRecord::kCommitted) {
-          ready.push_back(std::move(items_.front()));
-        }
+        ready.push_back(std::move(items_.front()));
         items_.pop_front();
       }
       if (ready.empty()) break;

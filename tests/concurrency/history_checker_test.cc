@@ -338,6 +338,41 @@ TEST_CASE("history checker: too many unacked deliveries is I10",
   CHECK(b.Check().count("I10"));
 }
 
+// u2/d21 reattaches while an ack of 4 runs: the ack ends after the Attach
+// (the old sink acked what it had) or inside it (the new session handed 3
+// and 4 out before Attach returned, and they were acked inline); either way
+// the engine applied it to the new session, which then hands out 3..6
+// (again): two of them unacked, within max_in_flight = 3.
+Builder AckDuringReattach(bool ends_after_attach) {
+  Builder b = Clean();
+  for (uint64_t s = 3; s <= 6; ++s) b.Send(Msg(1, s, 1, 11, "m" + std::to_string(s)));
+  b.Attach(2, 21, 5);
+  const size_t attach = b.h.size() - 1;
+  b.Ack(2, 21, 4);
+  const size_t ack = b.h.size() - 1;
+  if (ends_after_attach) {
+    b.h[attach].end = b.h[ack].begin + 1;
+    b.h[ack].end = b.h[ack].begin + 2;
+  } else {
+    b.h[attach].end = b.h[ack].end + 1;
+  }
+  for (size_t i = 0; i < 2; ++i) b.Add(Record{.call = Call::kNextTimerDue});
+  for (uint64_t s = 3; s <= 6; ++s) b.Deliver(2, 21, 5, s, b.log[s - 1]);
+  b.Ack(2, 21, 6);
+  b.Finish();
+  return b;
+}
+
+TEST_CASE(
+    "history checker: an ack made while a reattach runs counts on the new "
+    "connection for I10",
+    "[concurrency][checker]") {
+  const bool ends_after_attach = GENERATE(true, false);
+  INFO("the ack ends after the attach: " << ends_after_attach);
+  Builder b = AckDuringReattach(ends_after_attach);
+  CHECK(b.Check().empty());
+}
+
 TEST_CASE("history checker: two threads inside one sink is S1",
           "[concurrency][checker]") {
   Builder b = Clean();

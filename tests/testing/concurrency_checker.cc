@@ -804,6 +804,12 @@ class Checker {
       bool reported = false;
     };
     std::map<Dev, Conn> conns;
+    std::map<Dev, std::vector<size_t>> ok_acks;
+    for (size_t i = 0; i < h_.size(); ++i) {
+      if (h_[i].call == Call::kAck && h_[i].ok()) {
+        ok_acks[{h_[i].user, h_[i].device}].push_back(i);
+      }
+    }
     for (const auto& [i, at] : Timeline()) {
       const Record& r = h_[i];
       const Dev k{r.user, r.device};
@@ -812,6 +818,17 @@ class Checker {
         c.open.clear();
         c.acked.clear();
         for (const auto& p : r.positions) c.acked[p.stream] = p.position;
+        // An ack made while the attach ran (the old sink acking what it had,
+        // or the new one acking what the new session handed out before
+        // Attach returned) may have taken effect on the new session: it
+        // counts there too, as acks count from their begin.
+        for (size_t j : ok_acks[k]) {
+          const Record& a = h_[j];
+          if (a.begin < r.end && a.end > r.begin) {
+            uint64_t& acked = c.acked[a.stream];
+            acked = std::max(acked, a.position);
+          }
+        }
         --c.attaching;
         continue;
       }

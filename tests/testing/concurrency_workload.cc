@@ -17,9 +17,11 @@
 #include <sstream>
 #include <thread>
 
-#include "testing/faulty_storage.h"
+#include "log/keys.h"
+#include "log/log_codec.h"
 #include "parley/engine.h"
 #include "testing/backends.h"
+#include "testing/faulty_storage.h"
 
 namespace parley::testing {
 namespace {
@@ -177,6 +179,7 @@ class Workload {
   void Restart();
   void Setup();
   void FinalPhase();
+  void NoteStoredStreams();
   void Worker(int t);
   void SenderOp(int t, Rng& rng);
   void ChurnOp(Rng& rng);
@@ -1094,7 +1097,36 @@ void Workload::FinalPhase() {
     }
   }
   for (size_t i = 0; i < devices_.size(); ++i) DoPositions(i);
+  NoteStoredStreams();
   Phase("end");
+}
+
+void Workload::NoteStoredStreams() {
+  // What storage holds of each update stream, as a note for whoever reads a
+  // failing history ("pts=conv#seq", a gap marked "(gap)"): positions are
+  // dense, so a gap is a defect by itself.
+  for (uint64_t u = 1; u <= kUsers; ++u) {
+    const std::string prefix = keys::UserPrefix(UserId(u));
+    auto it = faulty_->base().NewIterator(Space::kUserStream, prefix,
+                                          PrefixSuccessor(prefix));
+    std::ostringstream o;
+    o << "stored update stream of u" << u << ":";
+    uint64_t expect = 0;
+    for (it->Seek(prefix); it->Valid(); it->Next()) {
+      const uint64_t pts = keys::PtsOfUserStreamKey(it->key());
+      ConversationId c;
+      Seq seq;
+      if (!DecodeIndexValue(it->value(), &c, &seq).ok()) {
+        o << " " << pts << "=(undecodable)";
+        continue;
+      }
+      if (expect != 0 && pts != expect) o << " (gap)";
+      o << " " << pts << "=c" << c.value() << "#" << seq.value();
+      expect = pts + 1;
+    }
+    if (!it->status().ok()) o << " (read failed: " << it->status().ToString() << ")";
+    Phase(o.str());
+  }
 }
 
 WorkloadResult Workload::Run() {

@@ -1,0 +1,356 @@
+// EngineImpl: creating conversations and changing their membership.
+
+#include "engine/engine_impl.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/check.h"
+#include "common/coding.h"
+#include "engine/engine_internal.h"
+#include "fanout/fanout_policy.h"
+#include "engine/open_record.h"
+#include "log/keys.h"
+#include "log/log_codec.h"
+
+namespace parley {
+
+using namespace engine_internal;  // NOLINT: this folder's own helpers
+
+// ---------------------------------------------------------------------------
+// Conversations and membership
+
+absl::Status EngineImpl::CreateConversation(
+    const CreateConversationRequest& q) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  if (!q.id.valid()) return Invalid("conversation id must be nonzero");
+  if (!q.creator.valid()) return Invalid("creator must be nonzero");
+  if (q.retention.count() < 0 || q.retention > kMaxRetention) {
+    return Invalid("retention must be in [0, 1000 years]");
+  }
+  std::vector<UserId> members = q.members;
+  members.push_back(q.creator);
+  std::sort(members.begin(), members.end());
+  members.erase(std::unique(members.begin(), members.end()), members.end());
+  for (UserId u : members) {
+    if (!u.valid()) return Invalid("member ids must be nonzero");
+  }
+  if (q.kind == ConversationKind::kDirect) {
+    if (members.size() != 2) {
+      return Invalid("a direct conversation has exactly two distinct members");
+    }
+  } else if (q.kind != ConversationKind::kGroup) {
+    return Invalid("unknown conversation kind");
+  }
+  if (members.size() > options_.max_members) {
+    return Invalid(absl::StrCat("more than max_members (",
+                                options_.max_members, ") members"));
+  }
+
+  auto st = cache_.Acquire(q.id);
+  st->mu.Lock();
+  auto fail = [&](absl::Status s) {
+    st->mu.Unlock();
+    return s;
+  };
+  if (absl::Status s = LoadLocked(*st); !s.ok()) return fail(s);
+  if (st->exists) {
+    return fail(absl::AlreadyExistsError(
+        absl::StrCat("conversation ", q.id.value(), " already exists")));
+  }
+  const FanoutMode mode = policy_->Choose(q.kind, members.size());
+  // Every fallible step comes before the reservation below.
+  Fanout f;
+  if (absl::Status ls = LockUsers(members, st->epoch, &f); !ls.ok()) {
+    return fail(ls);
+  }
+  const Timestamp now = clock_->Now();
+  absl::StatusOr<MessageId> id = NextId(now);
+  if (!id.ok()) {
+    UnlockUsers(&f);
+    return fail(id.status());
+  }
+
+  // ---- Reserve: nothing below fails before Commit.
+  auto entry = std::make_shared<LogEntry>();
+  entry->conversation = q.id;
+  entry->seq = Seq(1);
+  entry->kind = EntryKind::kCreated;
+  entry->id = *id;
+  entry->server_time = now;
+  entry->sender = q.creator;
+  entry->subjects = members;
+
+  st->exists = true;
+  st->kind = q.kind;
+  st->retention_seconds = q.retention.count();
+  st->created_micros = ToMicros(now);
+  st->member_count = static_cast<uint32_t>(members.size());
+  st->mode = mode;
+  st->assigned_seq = 1;
+  st->members.clear();
+  st->members_cached = members.size() <= kMaxCachedMembers;
+  if (st->members_cached) {
+    for (UserId u : members) st->members.emplace_back(u, Seq(1));
+  }
+
+  GroupCommitter::Request r;
+  ReserveSeqLocked(*st, 1, &r);
+  const uint64_t expiry = RetentionExpiryLocked(*st, now);
+  if (mode == FanoutMode::kWrite) {
+    FanOutOnWrite(members, q.id, Seq(1), expiry, &f, &r);
+  } else {
+    // A new conversation has no ranges yet: no read needed.
+    for (UserId u : members) f.ranges.emplace_back(u, std::vector<ReadRangeValue>());
+    size_t at = 0;
+    ApplyRangeChanges(q.id, Seq(1), &f, &r.batch,
+                      [&](UserId, std::vector<ReadRangeValue>& ranges) {
+                        ranges.push_back({1, 0, f.locked[at++]->assigned_pts});
+                      });
+  }
+  std::string value;
+  EncodeLogValue(*entry, expiry, &value);
+  r.batch.Put(Space::kLog, keys::LogKey(q.id, Seq(1)), value);
+  value.clear();
+  EncodeIndexValue(q.id, Seq(1), expiry, &value);
+  r.batch.Put(Space::kMessageIndex, keys::MessageIndexKey(entry->id), value);
+  const std::string member_value = EncodeMemberValue({{Seq(1), Seq()}});
+  for (UserId u : members) {
+    r.batch.Put(Space::kMembers, keys::MemberKey(q.id, u), member_value);
+  }
+  r.batch.Put(Space::kMeta, keys::ConversationMetaKey(q.id),
+              MetaValueLocked(*st));
+  std::string head;
+  PutFixed64BE(&head, 1);
+  r.batch.Put(Space::kMeta, keys::HeadKey(q.id), head);
+  f.record = MakeRecord(std::move(entry), mode, expiry, &f);
+  return Commit(*st, r, 1, &f);
+}
+
+absl::StatusOr<Seq> EngineImpl::AddMember(ConversationId c, UserId actor,
+                                          UserId user) {
+  return ChangeMember(c, actor, user, /*add=*/true);
+}
+
+absl::StatusOr<Seq> EngineImpl::RemoveMember(ConversationId c, UserId actor,
+                                             UserId user) {
+  return ChangeMember(c, actor, user, /*add=*/false);
+}
+
+absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
+                                             UserId user, bool add) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  if (!c.valid() || !user.valid()) {
+    return Invalid("conversation and user must be nonzero");
+  }
+  auto st = cache_.Acquire(c);
+  st->mu.Lock();
+  auto fail = [&](absl::Status s) {
+    st->mu.Unlock();
+    return s;
+  };
+  if (absl::Status s = LoadExistingLocked(*st); !s.ok()) return fail(s);
+  if (st->kind == ConversationKind::kDirect) {
+    return fail(absl::FailedPreconditionError(
+        "membership of a direct conversation is fixed"));
+  }
+  // Membership records and read ranges are read back from storage below:
+  // let every write of this conversation still in flight land first.
+  if (absl::Status s = AwaitQuiescentLocked(*st); !s.ok()) return fail(s);
+
+  // ---- Read: every fallible step comes before the reservation.
+  auto intervals = ReadIntervals(c, user);
+  if (!intervals.ok()) return fail(intervals.status());
+  const bool is_member =
+      !intervals->empty() && !intervals->back().left.valid();
+  if (add && is_member) {
+    return fail(absl::AlreadyExistsError(
+        absl::StrCat("user ", user.value(), " is already a member")));
+  }
+  if (!add && !is_member) {
+    return fail(absl::NotFoundError(
+        absl::StrCat("user ", user.value(), " is not a member")));
+  }
+  if (add && st->member_count + 1 > options_.max_members) {
+    return fail(Invalid(absl::StrCat("more than max_members (",
+                                     options_.max_members, ") members")));
+  }
+  auto members_before = MembersLocked(*st);
+  if (!members_before.ok()) return fail(members_before.status());
+
+  const uint32_t member_count = add ? st->member_count + 1 : st->member_count - 1;
+  const FanoutMode old_mode = st->mode;
+  const FanoutMode mode = policy_->Choose(st->kind, member_count);
+  // Who receives this entry, and whose read ranges change.
+  std::vector<UserId> everyone = *members_before;  // sorted
+  if (add) {
+    everyone.insert(std::lower_bound(everyone.begin(), everyone.end(), user),
+                    user);
+  }
+  // (The removed user is in members_before: it sees its own removal.)
+  std::vector<UserId> ranged;
+  if (old_mode != mode) {
+    ranged = everyone;
+  } else if (mode == FanoutMode::kRead) {
+    ranged = {user};
+  }
+  Fanout f;
+  if (absl::Status ls = LockUsers(mode == FanoutMode::kWrite ? everyone : ranged,
+                                  st->epoch, &f);
+      !ls.ok()) {
+    return fail(ls);
+  }
+  if (absl::Status rs = ReadRangesForChange(ranged, c, &f); !rs.ok()) {
+    UnlockUsers(&f);
+    return fail(rs);
+  }
+  const Timestamp now = clock_->Now();
+  absl::StatusOr<MessageId> id = NextId(now);
+  if (!id.ok()) {
+    UnlockUsers(&f);
+    return fail(id.status());
+  }
+
+  // ---- Reserve: nothing below fails before Commit.
+  const Seq seq(++st->assigned_seq);
+  auto entry = std::make_shared<LogEntry>();
+  entry->conversation = c;
+  entry->seq = seq;
+  entry->kind = add ? EntryKind::kMemberAdded : EntryKind::kMemberRemoved;
+  entry->id = *id;
+  entry->server_time = now;
+  entry->sender = actor;
+  entry->subjects = {user};
+  if (add) {
+    intervals->push_back({seq, Seq()});
+  } else {
+    intervals->back().left = seq;
+  }
+  st->member_count = member_count;
+  if (st->members_cached) {
+    auto it = std::lower_bound(
+        st->members.begin(), st->members.end(), user,
+        [](const std::pair<UserId, Seq>& m, UserId u) { return m.first < u; });
+    if (add) {
+      st->members.insert(it, {user, seq});
+    } else {
+      st->members.erase(it);
+    }
+    if (st->members.size() > kMaxCachedMembers) {
+      st->members_cached = false;
+      st->members.clear();
+      st->members.shrink_to_fit();
+    }
+  }
+  st->mode = mode;
+
+  GroupCommitter::Request r;
+  ReserveSeqLocked(*st, seq.value(), &r);
+  const uint64_t expiry = RetentionExpiryLocked(*st, now);
+  if (mode == FanoutMode::kWrite) {
+    FanOutOnWrite(everyone, c, seq, expiry, &f, &r);
+  }
+  // Gates: the user-stream position each ranged user is at before this entry
+  // (f.locked holds exactly the ranged users, sorted, in read mode; all of
+  // everyone in write mode).
+  auto gate_of = [&](UserId u) {
+    auto it = std::lower_bound(
+        f.locked.begin(), f.locked.end(), u,
+        [](const std::shared_ptr<UserStreamState>& s, UserId x) {
+          return s->id < x;
+        });
+    PARLEY_CHECK(it != f.locked.end() && (*it)->id == u);
+    return (*it)->assigned_pts;
+  };
+  ApplyRangeChanges(
+      c, seq, &f, &r.batch, [&](UserId u, std::vector<ReadRangeValue>& ranges) {
+        if (old_mode == FanoutMode::kWrite && mode == FanoutMode::kRead) {
+          // Switch to read fan-out at this seq; a removed user still gets
+          // its removal entry.
+          ranges.push_back(
+              {seq.value(), (!add && u == user) ? seq.value() : 0, gate_of(u)});
+        } else if (old_mode == FanoutMode::kRead &&
+                   mode == FanoutMode::kWrite) {
+          // Switch to write fan-out: stretches end before this entry,
+          // which reaches everyone through their update streams.
+          for (auto& range : ranges) {
+            if (range.to == 0) range.to = seq.value() - 1;
+          }
+        } else if (add) {
+          ranges.push_back({seq.value(), 0, gate_of(u)});
+        } else {
+          for (auto& range : ranges) {
+            if (range.to == 0) range.to = seq.value();
+          }
+        }
+      });
+
+  std::string value;
+  EncodeLogValue(*entry, expiry, &value);
+  r.batch.Put(Space::kLog, keys::LogKey(c, seq), value);
+  value.clear();
+  EncodeIndexValue(c, seq, expiry, &value);
+  r.batch.Put(Space::kMessageIndex, keys::MessageIndexKey(entry->id), value);
+  r.batch.Put(Space::kMembers, keys::MemberKey(c, user),
+              EncodeMemberValue(*intervals));
+  r.batch.Put(Space::kMeta, keys::ConversationMetaKey(c),
+              MetaValueLocked(*st));
+  std::string head;
+  PutFixed64BE(&head, seq.value());
+  r.batch.Put(Space::kMeta, keys::HeadKey(c), head);
+  ++st->membership_in_flight;
+  f.record = MakeRecord(std::move(entry), mode, expiry, &f);
+  absl::Status cs = Commit(*st, r, seq.value(), &f);
+  {
+    MutexLock lock(&st->mu);
+    --st->membership_in_flight;
+  }
+  PARLEY_RETURN_IF_ERROR(cs);
+  return seq;
+}
+
+absl::StatusOr<std::vector<Member>> EngineImpl::ListMembers(ConversationId c) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  auto st = cache_.Acquire(c);
+  {
+    MutexLock lock(&st->mu);
+    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+    if (st->members_cached) {
+      std::vector<Member> out;
+      out.reserve(st->members.size());
+      for (const auto& [u, joined] : st->members) out.push_back({u, joined});
+      return out;
+    }
+  }
+  std::vector<Member> out;
+  const std::string prefix = keys::MemberPrefix(c);
+  auto it =
+      storage_->NewIterator(Space::kMembers, prefix, PrefixSuccessor(prefix));
+  std::vector<MembershipInterval> intervals;
+  for (it->Seek(prefix); it->Valid(); it->Next()) {
+    PARLEY_RETURN_IF_ERROR(DecodeMemberValue(it->value(), &intervals));
+    if (!intervals.empty() && !intervals.back().left.valid()) {
+      out.push_back({keys::UserOfMemberKey(it->key()), intervals.back().joined});
+    }
+  }
+  PARLEY_RETURN_IF_ERROR(it->status());
+  return out;
+}
+
+absl::StatusOr<std::vector<MembershipInterval>> EngineImpl::Membership(
+    ConversationId c, UserId user) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  auto st = cache_.Acquire(c);
+  {
+    MutexLock lock(&st->mu);
+    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+  }
+  return ReadIntervals(c, user);
+}
+
+}  // namespace parley

@@ -127,6 +127,13 @@ struct Options {
   // Deliveries per device awaiting an ack; the rest waits in storage, not in
   // memory. Default: 256.
   size_t max_in_flight_per_device = 256;
+  // Payload bytes per device awaiting an ack (payload, client message id,
+  // content type and attachment references of each entry): no further
+  // delivery is handed out while the unacked ones hold this much, so a device
+  // holds at most this plus one entry. One entry is always handed out, however
+  // large. Entries are shared by every device they go to, so this bounds what
+  // a slow device pins, not a copy. Default: 4 MiB.
+  size_t max_in_flight_bytes_per_device = 4 << 20;
   // First retry of an unacked delivery after this long; each retry doubles
   // it up to max_retry_interval. Default: 5 s.
   std::chrono::milliseconds ack_timeout{5000};

@@ -118,8 +118,8 @@ absl::Status DeliveryManager::Ack(UserId u, DeviceId d, StreamId stream,
       return ws;
     }
     if (acked >= s->unknown_ack) s->unknown_ack = 0;
+    for (const InFlight& f : done) Release(*dev, f);
     s->inflight.erase(s->inflight.begin(), split);
-    dev->in_flight -= done.size();
     s->acked = acked;
     acks_.fetch_add(1, std::memory_order_relaxed);
     if (dev->in_flight == 0) Unschedule(*dev);

@@ -222,8 +222,8 @@ size_t DeliveryManager::ProcessTimers() {
               static_cast<int64_t>(f->item.expiry) <= now) {
             // Expired while in flight: never redelivered (a later ack
             // covers its position).
+            Release(*d, *f);
             f = s.inflight.erase(f);
-            --d->in_flight;
             continue;
           }
           if (f->deadline <= now) {

@@ -135,6 +135,7 @@ class DeliveryManager {
     int64_t deadline;
     uint32_t attempt;
     Pending item;
+    size_t bytes = 0;  // counted in Device::in_flight_bytes
   };
   struct Stream {
     explicit Stream(StreamId s) : id(s) {}
@@ -178,6 +179,7 @@ class DeliveryManager {
     // the ranges were re-read (PublishFailed) or a later feed record set them.
     absl::flat_hash_map<uint64_t, uint64_t> unknown ABSL_GUARDED_BY(mu);
     size_t in_flight ABSL_GUARDED_BY(mu) = 0;
+    size_t in_flight_bytes ABSL_GUARDED_BY(mu) = 0;
     std::vector<Outgoing> outbox ABSL_GUARDED_BY(mu);
     bool draining ABSL_GUARDED_BY(mu) = false;
     int64_t scheduled_due ABSL_GUARDED_BY(mu) = 0;
@@ -230,6 +232,11 @@ class DeliveryManager {
                                  uint64_t to)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
   void Send(Device& d, Stream& s, uint64_t position, Pending item)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
+  // Whether the device's window (entries and bytes) takes one more.
+  bool HasRoom(const Device& d) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
+  // Takes `f` out of the device's counts (acked, expired or reset).
+  static void Release(Device& d, const InFlight& f)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
   void Schedule(Device& d, int64_t due) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
   // Forgets the device's timer (nothing left in flight).

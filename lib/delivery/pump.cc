@@ -109,17 +109,33 @@ void DeliveryManager::Send(Device& d, Stream& s, uint64_t position,
   out.attempt = 1;
   out.entry = item.entry;
   d.outbox.emplace_back(std::move(out));
-  s.inflight.push_back({position, due, 1, std::move(item)});
+  const LogEntry& e = *item.entry;
+  size_t bytes = e.payload.size() + e.client_message_id.size() +
+                 e.metadata.content_type.size();
+  for (const auto& a : e.metadata.attachments) bytes += a.size();
+  s.inflight.push_back({position, due, 1, std::move(item), bytes});
   ++d.in_flight;
+  d.in_flight_bytes += bytes;
   deliveries_.fetch_add(1, std::memory_order_relaxed);
   if (d.attached) Schedule(d, due);
+}
+
+bool DeliveryManager::HasRoom(const Device& d) const {
+  return d.in_flight < d.window &&
+         (d.in_flight == 0 ||
+          d.in_flight_bytes < options_.max_in_flight_bytes_per_device);
+}
+
+void DeliveryManager::Release(Device& d, const InFlight& f) {
+  --d.in_flight;
+  d.in_flight_bytes -= f.bytes;
 }
 
 bool DeliveryManager::PumpUser(Device& d) {
   Stream& us = d.user_stream;
   bool progress = false;
   const int64_t now = Micros(clock_->Now());
-  while (d.in_flight < d.window && us.sent < us.known_head) {
+  while (HasRoom(d) && us.sent < us.known_head) {
     const uint64_t p = us.sent + 1;
     auto it = us.early.find(p);
     if (it == us.early.end()) {
@@ -164,7 +180,7 @@ bool DeliveryManager::PumpUser(Device& d) {
 bool DeliveryManager::PumpConversation(Device& d, Stream& s) {
   bool progress = false;
   const int64_t now = Micros(clock_->Now());
-  while (d.in_flight < d.window && s.sent < s.known_head) {
+  while (HasRoom(d) && s.sent < s.known_head) {
     const ReadRangeValue* range = nullptr;
     const uint64_t next = NextInRanges(s.ranges, s.sent, &range);
     if (next == 0 || next > s.known_head) break;
@@ -201,7 +217,7 @@ void DeliveryManager::Pump(Device& d) {
     for (auto& [c, s] : d.conversations) {
       if (PumpConversation(d, s)) progress = true;
     }
-    if (d.in_flight >= d.window) break;
+    if (!HasRoom(d)) break;
   }
 }
 

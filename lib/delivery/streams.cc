@@ -219,6 +219,7 @@ void DeliveryManager::ResetLocked(const DevicePtr& d) {
   d->done_versions.clear();
   d->unknown.clear();
   d->in_flight = 0;
+  d->in_flight_bytes = 0;
 }
 
 void DeliveryManager::UnregisterLocked(const DevicePtr& d) {

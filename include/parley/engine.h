@@ -69,6 +69,8 @@ struct EngineStats {
   uint64_t acks = 0;                // acks that moved a position
   uint64_t resets = 0;              // streams reset for being too far behind
   uint64_t events = 0;              // ephemeral/receipt events handed to sinks
+  uint64_t events_coalesced = 0;    // replaced by a newer one while waiting
+  uint64_t events_dropped = 0;      // a device had max_pending_events waiting
 };
 
 // Receives the outcome of Engine::SendAsync (see there).

@@ -134,6 +134,15 @@ struct Options {
   // large. Entries are shared by every device they go to, so this bounds what
   // a slow device pins, not a copy. Default: 4 MiB.
   size_t max_in_flight_bytes_per_device = 4 << 20;
+  // Events (typing, presence, read positions, receipts) waiting for one
+  // device's sink while it is busy. A newer event of the same kind, from the
+  // same device, about the same conversation replaces the waiting one
+  // (typing and presence: the latest state; read positions and receipts: the
+  // highest seq), so a busy sink gets the latest state, not a backlog. Past
+  // this many, new events for that device are dropped (counted in
+  // EngineStats::events_dropped); they are never stored, so a reconnecting
+  // device reads positions and receipts from the engine. Default: 64.
+  size_t max_pending_events_per_device = 64;
   // First retry of an unacked delivery after this long; each retry doubles
   // it up to max_retry_interval. Default: 5 s.
   std::chrono::milliseconds ack_timeout{5000};

@@ -295,6 +295,7 @@ absl::StatusOr<SyncPage> DeliveryManager::Sync(UserId u, DeviceId d,
   }
   // Nothing else of a pull session is tracked.
   device.outbox.clear();
+  device.outbox_events = 0;
   return page;
 }
 

@@ -283,11 +283,36 @@ void DeliveryManager::SendConversationEvent(ConversationId c,
       if (it == d->conversations.end() || !HasOpenRange(it->second.ranges)) {
         continue;
       }
-      d->outbox.emplace_back(e);
-      events_.fetch_add(1, std::memory_order_relaxed);
+      QueueEventLocked(*d, e);
     }
     Drain(d);
   }
+}
+
+void DeliveryManager::QueueEventLocked(Device& d, const Event& e) {
+  for (Outgoing& item : d.outbox) {
+    Event* waiting = std::get_if<Event>(&item);
+    if (waiting == nullptr || waiting->kind != e.kind ||
+        waiting->conversation != e.conversation ||
+        waiting->from_user != e.from_user ||
+        waiting->from_device != e.from_device) {
+      continue;
+    }
+    if (e.kind == EventKind::kReadPosition || e.kind == EventKind::kReceipt) {
+      if (e.seq.value() > waiting->seq.value()) waiting->seq = e.seq;
+    } else {
+      waiting->data = e.data;  // the latest typing / presence state
+    }
+    events_coalesced_.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  if (d.outbox_events >= options_.max_pending_events_per_device) {
+    events_dropped_.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  d.outbox.emplace_back(e);
+  ++d.outbox_events;
+  events_.fetch_add(1, std::memory_order_relaxed);
 }
 
 void DeliveryManager::PushEvent(const std::vector<DevicePtr>& devices,
@@ -298,8 +323,7 @@ void DeliveryManager::PushEvent(const std::vector<DevicePtr>& devices,
     {
       MutexLock lock(&d->mu);
       if (!d->attached) continue;
-      d->outbox.emplace_back(e);
-      events_.fetch_add(1, std::memory_order_relaxed);
+      QueueEventLocked(*d, e);
     }
     Drain(d);
   }

@@ -123,6 +123,8 @@ class DeliveryManager {
   uint64_t acks() const { return acks_.load(); }
   uint64_t resets() const { return resets_.load(); }
   uint64_t events() const { return events_.load(); }
+  uint64_t events_coalesced() const { return events_coalesced_.load(); }
+  uint64_t events_dropped() const { return events_dropped_.load(); }
 
  private:
   // An entry waiting for (or in) delivery; shared by every device.
@@ -181,6 +183,7 @@ class DeliveryManager {
     size_t in_flight ABSL_GUARDED_BY(mu) = 0;
     size_t in_flight_bytes ABSL_GUARDED_BY(mu) = 0;
     std::vector<Outgoing> outbox ABSL_GUARDED_BY(mu);
+    size_t outbox_events ABSL_GUARDED_BY(mu) = 0;  // Events in outbox
     bool draining ABSL_GUARDED_BY(mu) = false;
     int64_t scheduled_due ABSL_GUARDED_BY(mu) = 0;
   };
@@ -245,6 +248,10 @@ class DeliveryManager {
   // Queues `e` for each attached device but the excepted one, then drains.
   void PushEvent(const std::vector<DevicePtr>& devices, UserId except_user,
                  DeviceId except, const Event& e);
+  // Queues `e` for `d`: coalesced with a waiting event of the same kind,
+  // sender device and conversation, or dropped past the per-device bound.
+  void QueueEventLocked(Device& d, const Event& e)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
   // Hands the outbox to the sink unless another thread already does.
   void Drain(const DevicePtr& d);
   absl::Status WriteAck(Device& d, Stream& s, uint64_t acked,
@@ -285,6 +292,8 @@ class DeliveryManager {
   std::atomic<uint64_t> acks_{0};
   std::atomic<uint64_t> resets_{0};
   std::atomic<uint64_t> events_{0};
+  std::atomic<uint64_t> events_coalesced_{0};
+  std::atomic<uint64_t> events_dropped_{0};
 };
 
 }  // namespace parley

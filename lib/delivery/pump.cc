@@ -231,6 +231,7 @@ void DeliveryManager::Drain(const DevicePtr& d) {
   while (!d->outbox.empty()) {
     std::vector<Outgoing> batch;
     batch.swap(d->outbox);
+    d->outbox_events = 0;
     std::shared_ptr<DeliverySink> sink = d->sink;
     const uint64_t generation = d->generation.load(std::memory_order_acquire);
     d->mu.Unlock();

@@ -214,6 +214,7 @@ void DeliveryManager::ResetLocked(const DevicePtr& d) {
     }
   }
   d->outbox.clear();
+  d->outbox_events = 0;
   d->user_stream = Stream(StreamId::User());
   d->conversations.clear();
   d->done_versions.clear();

@@ -159,6 +159,8 @@ EngineStats EngineImpl::GetStats() {
   s.acks = delivery_.acks();
   s.resets = delivery_.resets();
   s.events = delivery_.events();
+  s.events_coalesced = delivery_.events_coalesced();
+  s.events_dropped = delivery_.events_dropped();
   return s;
 }
 

@@ -43,6 +43,9 @@ absl::Status Options::Validate() const {
     return Bad("max_group_commit_sends", "must be > 0");
   }
   if (fanout_threshold == 0) return Bad("fanout_threshold", "must be > 0");
+  if (max_pending_events_per_device == 0) {
+    return Bad("max_pending_events_per_device", "must be > 0");
+  }
   if (max_in_flight_bytes_per_device == 0) {
     return Bad("max_in_flight_bytes_per_device", "must be > 0");
   }

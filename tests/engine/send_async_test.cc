@@ -82,7 +82,8 @@ struct Rig {
     pause.Release();
     faulty->SetHook(nullptr);
   }
-  SendRequest Request(const std::string& cmid, const std::string& payload) {
+  // The request views the strings: they must outlive its use.
+  SendRequest Request(std::string_view cmid, std::string_view payload) {
     return {.sender = kAlice,
             .device = kPhone,
             .conversation = kConv,

@@ -256,6 +256,7 @@ const char* KindName(EntryKind k) {
     case EntryKind::kCreated: return "created";
     case EntryKind::kMemberAdded: return "added";
     case EntryKind::kMemberRemoved: return "removed";
+    case EntryKind::kLost: return "lost";
   }
   return "?";
 }
@@ -320,6 +321,57 @@ struct SendCounts {
   uint64_t ok = 0, duplicate = 0, rejected = 0, failed = 0;
 };
 
+// Counts syncs and whether writes are pending since the last one: the
+// engine syncs on its own in kBuffered too (a conversation's first seq
+// block, pts and seq block crossings, id reservations, open and close), and
+// a sync makes everything written before it durable.
+class SyncTracker final : public Storage {
+ public:
+  explicit SyncTracker(std::shared_ptr<Storage> base) : base_(std::move(base)) {}
+  absl::Status Write(const WriteBatch& batch,
+                     const StorageWriteOptions& options) override {
+    absl::Status s = base_->Write(batch, options);
+    if (s.ok()) {
+      if (options.sync) {
+        ++syncs_;
+        dirty_ = false;
+      } else {
+        dirty_ = true;
+      }
+    }
+    return s;
+  }
+  absl::Status Get(Space space, std::string_view key,
+                   std::string* value) override {
+    return base_->Get(space, key, value);
+  }
+  std::unique_ptr<StorageIterator> NewIterator(
+      Space space, std::string_view lower, std::string_view upper) override {
+    return base_->NewIterator(space, lower, upper);
+  }
+  absl::Status SyncWal() override {
+    absl::Status s = base_->SyncWal();
+    if (s.ok()) {
+      ++syncs_;
+      dirty_ = false;
+    }
+    return s;
+  }
+  absl::Status CompactAll() override { return base_->CompactAll(); }
+  uint64_t ApproximateSize(Space space) override {
+    return base_->ApproximateSize(space);
+  }
+  absl::Status Close() override { return base_->Close(); }
+
+  uint64_t syncs() const { return syncs_; }
+  bool dirty() const { return dirty_; }
+
+ private:
+  std::shared_ptr<Storage> base_;
+  uint64_t syncs_ = 0;   // single-threaded harness
+  bool dirty_ = false;
+};
+
 // ---- The harness ----------------------------------------------------------
 
 class Harness {
@@ -327,9 +379,10 @@ class Harness {
   explicit Harness(Durability durability)
       : clock_(std::make_shared<ManualClock>()),
         storage_(NewMemoryStorage(clock_)),
+        tracker_(std::make_shared<SyncTracker>(storage_)),
         authorizer_(std::make_shared<FuzzAuthorizer>()),
         durability_(durability) {
-    options_.storage = storage_;
+    options_.storage = tracker_;
     options_.authorizer = authorizer_;
     options_.max_cached_conversations = kMaxCachedConversations;
     options_.max_cached_user_streams = 2;
@@ -357,6 +410,11 @@ class Harness {
   void Run(FuzzInput& in) {
     for (size_t n = 0; n < kMaxOps && !in.empty(); ++n) {
       op_ = n;
+      // What a power loss keeps: everything up to the last sync. An op that
+      // synced and then wrote more (an id reservation before its send) keeps
+      // the state before it.
+      const uint64_t syncs_before = tracker_->syncs();
+      Model before = model_;
       const uint8_t byte = in.Byte();
       const bool fail_write = (byte & 0x80) != 0;
       switch ((byte & 0x7f) % 20) {
@@ -380,6 +438,12 @@ class Harness {
         case 17: PowerLoss(in.Bit()); break;
         case 18: Reclaim(); break;
         case 19: ToggleDenied(in); break;
+      }
+      // (Restart and PowerLoss set synced_ themselves, at Open.)
+      const int op_kind = (byte & 0x7f) % 20;
+      if (op_kind != 16 && op_kind != 17 &&
+          tracker_->syncs() != syncs_before) {
+        synced_ = tracker_->dirty() ? std::move(before) : model_;
       }
       CheckCache();
     }
@@ -1277,6 +1341,7 @@ class Harness {
 
   std::shared_ptr<ManualClock> clock_;
   std::shared_ptr<MemoryStorage> storage_;
+  std::shared_ptr<SyncTracker> tracker_;
   std::shared_ptr<FuzzAuthorizer> authorizer_;
   Durability durability_;
   std::set<UserId> denied_;

@@ -58,7 +58,7 @@ void FuzzLogValue(std::string_view value) {
   if (!DecodeLogValue(value, &e).ok()) return;
   FUZZ_CHECK(e.conversation == ConversationId(0xC0FFEE) && e.seq == Seq(0x5EC),
              "DecodeLogValue touched conversation/seq");
-  FUZZ_CHECK(e.kind >= EntryKind::kMessage && e.kind <= EntryKind::kMemberRemoved,
+  FUZZ_CHECK(e.kind >= EntryKind::kMessage && e.kind <= EntryKind::kLost,
              "kind %d", static_cast<int>(e.kind));
 
   // Round trip through the encoder.

@@ -179,6 +179,13 @@ class EngineImpl final : public Engine, private HeadSource {
   // Counts the outcome and releases the dedup key.
   void FinishSend(const std::string& dedup_key,
                   const absl::StatusOr<SendResult>& result);
+  // The stats counters for one send's outcome.
+  void CountSend(const absl::StatusOr<SendResult>& result);
+  // What a retry gets from its original's published outcome: the original
+  // result marked duplicate, AlreadyExists for other content, or the
+  // original's error.
+  static absl::StatusOr<SendResult> AnswerFromOriginal(
+      const InflightSends::Outcome& original, uint64_t hash);
 
   // Makes `st` reflect storage as of the current commit epoch.
   absl::Status LoadLocked(ConversationState& st)

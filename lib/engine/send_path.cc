@@ -75,14 +75,8 @@ absl::StatusOr<SendResult> EngineImpl::Send(const SendRequest& request) {
     // The same client id is being stored right now: take its outcome.
     original->done.WaitForNotification();
     if (!original->result.ok()) continue;  // it failed: try as the owner
-    if (original->content_hash != hash) {
-      sends_rejected_.fetch_add(1, std::memory_order_relaxed);
-      return absl::AlreadyExistsError(
-          "client_message_id was already used with different content");
-    }
-    sends_duplicate_.fetch_add(1, std::memory_order_relaxed);
-    SendResult dup = *original->result;
-    dup.duplicate = true;
+    absl::StatusOr<SendResult> dup = AnswerFromOriginal(*original, hash);
+    CountSend(dup);
     return dup;
   }
   absl::StatusOr<SendResult> result;
@@ -104,8 +98,25 @@ absl::StatusOr<SendResult> EngineImpl::Send(const SendRequest& request) {
   return result;
 }
 
+absl::StatusOr<SendResult> EngineImpl::AnswerFromOriginal(
+    const InflightSends::Outcome& original, uint64_t hash) {
+  absl::StatusOr<SendResult> r = original.result;
+  if (!r.ok()) return r;
+  if (original.content_hash != hash) {
+    return absl::AlreadyExistsError(
+        "client_message_id was already used with different content");
+  }
+  r->duplicate = true;
+  return r;
+}
+
 void EngineImpl::FinishSend(const std::string& dedup_key,
                             const absl::StatusOr<SendResult>& result) {
+  CountSend(result);
+  inflight_.Finish(dedup_key, result);
+}
+
+void EngineImpl::CountSend(const absl::StatusOr<SendResult>& result) {
   if (result.ok()) {
     (result->duplicate ? sends_duplicate_ : sends_ok_)
         .fetch_add(1, std::memory_order_relaxed);
@@ -115,7 +126,6 @@ void EngineImpl::FinishSend(const std::string& dedup_key,
   } else {
     sends_rejected_.fetch_add(1, std::memory_order_relaxed);
   }
-  inflight_.Finish(dedup_key, result);
 }
 
 // Keeps Close() waiting while an asynchronous send is unfinished.
@@ -163,18 +173,8 @@ void EngineImpl::StartSend(const SendRequest& q, uint64_t hash,
     // continuation never blocks the thread that finishes the original.
     inflight_.WhenDone(original, [this, original, hash, op = std::move(op),
                                   done = std::move(done)]() mutable {
-      absl::StatusOr<SendResult> r = original->result;
-      if (r.ok() && original->content_hash != hash) {
-        r = absl::AlreadyExistsError(
-            "client_message_id was already used with different content");
-      } else if (r.ok()) {
-        r->duplicate = true;
-      }
-      (r.ok() ? sends_duplicate_
-              : (absl::IsUnavailable(r.status()) || absl::IsDataLoss(r.status())
-                     ? sends_failed_
-                     : sends_rejected_))
-          .fetch_add(1, std::memory_order_relaxed);
+      absl::StatusOr<SendResult> r = AnswerFromOriginal(*original, hash);
+      CountSend(r);
       std::move(done)(std::move(r));
     });
     return;

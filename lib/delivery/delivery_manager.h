@@ -64,15 +64,7 @@
 
 namespace parley {
 
-// What the delivery layer needs from the sequencer: committed heads.
-class HeadSource {
- public:
-  virtual ~HeadSource() = default;
-  virtual absl::StatusOr<uint64_t> UserHead(UserId u) = 0;
-  virtual absl::StatusOr<uint64_t> ConversationHead(ConversationId c) = 0;
-};
-
-class DeliveryManager {
+class DeliveryManager final : public FeedListener {
  public:
   DeliveryManager(const Options& options, Storage* storage, Clock* clock,
                   HeadSource* heads);
@@ -92,17 +84,17 @@ class DeliveryManager {
   // queue's order (never concurrently for one conversation or one user).
   // PublishConversation applies the record's range changes and, in read
   // fan-out, offers the entry to the conversation's followers.
-  void PublishConversation(const FeedRecord& record);
+  void PublishConversation(const FeedRecord& record) override;
   // Applies `u`'s range change (if any) and offers the entry at `pts`
   // (nonzero in write fan-out) to u's devices.
-  void PublishUser(UserId u, const FeedRecord& record, uint64_t pts);
+  void PublishUser(UserId u, const FeedRecord& record, uint64_t pts) override;
   // A record whose write failed, at its place in the conversation's queue.
   // The outcome is unknown (the batch may have reached storage): the devices
   // of the users whose ranges it would have changed re-read those ranges
   // from storage, and deliver nothing of the conversation from its seq on
   // until they did. (Its entry, if stored, is read from storage like any
   // catch-up.)
-  void PublishFailed(const FeedRecord& record);
+  void PublishFailed(const FeedRecord& record) override;
   // Whether any device of u is attached / follows c.
   bool AnyOnline(UserId u);
   bool AnyOnline(ConversationId c);

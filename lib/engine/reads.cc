@@ -36,12 +36,12 @@ absl::StatusOr<HistoryPage> EngineImpl::ReadHistory(const HistoryRequest& q) {
   }
   uint64_t head = 0;
   {
-    auto st = cache_.Acquire(q.conversation);
+    auto st = sequencer_.Acquire(q.conversation);
     MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+    PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
     head = st->committed_seq;
   }
-  auto intervals = ReadIntervals(q.conversation, q.reader);
+  auto intervals = sequencer_.ReadIntervals(q.conversation, q.reader);
   if (!intervals.ok()) return intervals.status();
   if (intervals->empty()) {
     return NotMemberError(q.reader, q.conversation);
@@ -104,7 +104,7 @@ absl::StatusOr<LogEntry> EngineImpl::GetMessage(UserId reader, MessageId id) {
   PARLEY_RETURN_IF_ERROR(s);
   LogEntry e;
   PARLEY_RETURN_IF_ERROR(DecodeIndexValue(value, &e.conversation, &e.seq));
-  auto intervals = ReadIntervals(e.conversation, reader);
+  auto intervals = sequencer_.ReadIntervals(e.conversation, reader);
   if (!intervals.ok()) return intervals.status();
   if (!Visible(*intervals, e.seq.value())) {
     return absl::PermissionDeniedError(absl::StrCat(
@@ -125,12 +125,12 @@ absl::StatusOr<Seq> EngineImpl::HeadSeq(UserId reader, ConversationId c) {
   PARLEY_RETURN_IF_ERROR(guard.status());
   uint64_t head;
   {
-    auto st = cache_.Acquire(c);
+    auto st = sequencer_.Acquire(c);
     MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+    PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
     head = st->committed_seq;
   }
-  auto intervals = ReadIntervals(c, reader);
+  auto intervals = sequencer_.ReadIntervals(c, reader);
   if (!intervals.ok()) return intervals.status();
   if (intervals->empty()) {
     return NotMemberError(reader, c);
@@ -143,14 +143,16 @@ absl::Status EngineImpl::MarkRead(UserId user, DeviceId device,
   OpGuard guard(this);
   PARLEY_RETURN_IF_ERROR(guard.status());
   if (!up_to.valid()) return Invalid("up_to must be nonzero");
-  auto st = cache_.Acquire(c);
+  Reservation rv;
+  rv.st = sequencer_.Acquire(c);
+  ConversationState* const st = rv.st.get();
   st->mu.Lock();
   auto fail = [&](absl::Status s) {
-    st->mu.Unlock();
+    sequencer_.Abort(&rv);
     return s;
   };
-  if (absl::Status s = LoadExistingLocked(*st); !s.ok()) return fail(s);
-  auto join = CurrentJoinLocked(*st, user);
+  if (absl::Status s = sequencer_.LoadExistingLocked(*st); !s.ok()) return fail(s);
+  auto join = sequencer_.CurrentJoinLocked(*st, user);
   if (!join.ok()) return fail(join.status());
   if (!join->has_value()) {
     return fail(NotMemberError(user, c));
@@ -166,29 +168,28 @@ absl::Status EngineImpl::MarkRead(UserId user, DeviceId device,
     if (up_to.value() <= *stored) {
       return fail(absl::OkStatus());  // monotonic: nothing to do
     }
-    if (up_to.value() > PendingReadLocked(*st, user)) break;
+    if (up_to.value() > sequencer_.PendingReadLocked(*st, user)) break;
     // A position at or above this one is being written. It may still fail,
     // so this call is not done before it landed: wait for it, then look
     // again (a lower value written behind it would move the position back).
     const uint64_t epoch = st->epoch;
     st->mu.Await([&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      return PendingReadLocked(*st, user) < up_to.value() ||
-             committer_.epoch() != epoch;
+      return sequencer_.PendingReadLocked(*st, user) < up_to.value() ||
+             sequencer_.epoch() != epoch;
     });
-    if (absl::Status s = LoadExistingLocked(*st); !s.ok()) return fail(s);
+    if (absl::Status s = sequencer_.LoadExistingLocked(*st); !s.ok()) return fail(s);
   }
   std::vector<UserId> receipt_to;
   if (st->mode == FanoutMode::kWrite) {
-    auto members = MembersLocked(*st);
+    auto members = sequencer_.MembersLocked(*st);
     if (!members.ok()) return fail(members.status());
     receipt_to = std::move(*members);
   }
-  GroupCommitter::Request r;
   std::string value;
   PutFixed64BE(&value, up_to.value());
-  r.batch.Put(Space::kCursors, keys::ReadPositionKey(user, c), value);
-  PARLEY_RETURN_IF_ERROR(
-      Commit(*st, r, 0, nullptr, std::make_pair(user, up_to.value())));
+  rv.batch().Put(Space::kCursors, keys::ReadPositionKey(user, c), value);
+  rv.pending_read = std::make_pair(user, up_to.value());
+  PARLEY_RETURN_IF_ERROR(sequencer_.Commit(&rv));
 
   Event e;
   e.kind = EventKind::kReadPosition;
@@ -213,18 +214,18 @@ absl::StatusOr<ReadState> EngineImpl::GetReadState(UserId user,
   uint64_t head;
   std::optional<Seq> join;
   {
-    auto st = cache_.Acquire(c);
+    auto st = sequencer_.Acquire(c);
     MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+    PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
     head = st->committed_seq;
-    auto j = CurrentJoinLocked(*st, user);
+    auto j = sequencer_.CurrentJoinLocked(*st, user);
     if (!j.ok()) return j.status();
     join = *j;
   }
   auto stored = StoredRead(user, c);
   if (!stored.ok()) return stored.status();
   if (!join.has_value()) {
-    auto intervals = ReadIntervals(c, user);
+    auto intervals = sequencer_.ReadIntervals(c, user);
     if (!intervals.ok()) return intervals.status();
     if (intervals->empty()) {
       return NotMemberError(user, c);
@@ -247,9 +248,9 @@ absl::StatusOr<std::vector<DeviceReceipt>> EngineImpl::GetReceipts(
   PARLEY_RETURN_IF_ERROR(guard.status());
   std::vector<UserId> members;
   {
-    auto st = cache_.Acquire(c);
+    auto st = sequencer_.Acquire(c);
     MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+    PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
     if (st->mode != FanoutMode::kWrite) {
       return absl::FailedPreconditionError(
           "receipts are tracked per device only in fan-out-on-write "
@@ -258,11 +259,11 @@ absl::StatusOr<std::vector<DeviceReceipt>> EngineImpl::GetReceipts(
     if (!seq.valid() || seq.value() > st->committed_seq) {
       return absl::NotFoundError(absl::StrCat("no seq ", seq.value()));
     }
-    auto m = MembersLocked(*st);
+    auto m = sequencer_.MembersLocked(*st);
     if (!m.ok()) return m.status();
     members = std::move(*m);
   }
-  auto intervals = ReadIntervals(c, reader);
+  auto intervals = sequencer_.ReadIntervals(c, reader);
   if (!intervals.ok()) return intervals.status();
   if (!Visible(*intervals, seq.value())) {
     return absl::PermissionDeniedError(absl::StrCat(
@@ -320,17 +321,17 @@ absl::Status EngineImpl::SendEphemeral(UserId user, DeviceId device,
   std::vector<UserId> members;
   FanoutMode mode;
   {
-    auto st = cache_.Acquire(c);
+    auto st = sequencer_.Acquire(c);
     MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
-    auto join = CurrentJoinLocked(*st, user);
+    PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
+    auto join = sequencer_.CurrentJoinLocked(*st, user);
     if (!join.ok()) return join.status();
     if (!join->has_value()) {
       return NotMemberError(user, c);
     }
     mode = st->mode;
     if (mode == FanoutMode::kWrite) {
-      auto m = MembersLocked(*st);
+      auto m = sequencer_.MembersLocked(*st);
       if (!m.ok()) return m.status();
       members = std::move(*m);
     }
@@ -352,10 +353,21 @@ absl::Status EngineImpl::SendEphemeral(UserId user, DeviceId device,
 absl::StatusOr<FanoutMode> EngineImpl::GetFanoutMode(ConversationId c) {
   OpGuard guard(this);
   PARLEY_RETURN_IF_ERROR(guard.status());
-  auto st = cache_.Acquire(c);
+  auto st = sequencer_.Acquire(c);
   MutexLock lock(&st->mu);
-  PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+  PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
   return st->mode;
+}
+
+absl::StatusOr<uint64_t> EngineImpl::StoredRead(UserId u, ConversationId c) {
+  std::string value;
+  absl::Status s =
+      storage_->Get(Space::kCursors, keys::ReadPositionKey(u, c), &value);
+  if (absl::IsNotFound(s)) return 0;
+  PARLEY_RETURN_IF_ERROR(s);
+  uint64_t v;
+  PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &v));
+  return v;
 }
 
 }  // namespace parley

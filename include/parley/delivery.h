@@ -111,7 +111,8 @@ struct AttachOptions {
   // stored from the device's acks, or, for a conversation stream the device
   // never had, the start of the user's fan-out-on-read stretch. Empty (and no
   // stored positions): a device the engine has never seen starts at the
-  // current heads (it fetches older history with ReadHistory).
+  // current heads (it fetches older history with ReadHistory). Default:
+  // empty.
   std::vector<StreamPosition> resume_from;
 };
 

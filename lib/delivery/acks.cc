@@ -116,6 +116,9 @@ absl::Status DeliveryManager::Ack(UserId u, DeviceId d, StreamId stream,
 absl::Status DeliveryManager::AckDetached(UserId u, DeviceId d,
                                           StreamId stream, uint64_t position) {
   // Pull mode (Sync): no session; move the stored cursor forward only.
+  // Under the device's records lock: a ForgetDevice deletes all of the
+  // device's records or none of what this writes.
+  MutexLock records(&RecordsMu(u, d));
   auto known = store::GetDeviceUserCursor(*storage_, u, d);
   if (!known.ok()) return known.status();
   if (!known->has_value()) {
@@ -204,6 +207,9 @@ absl::StatusOr<SyncPage> DeliveryManager::Sync(UserId u, DeviceId d,
   if (!u.valid() || !d.valid()) {
     return absl::InvalidArgumentError("user and device must be nonzero");
   }
+  // What Sync writes (a new device's cursors, the hand-out records) and a
+  // ForgetDevice exclude each other.
+  MutexLock records(&RecordsMu(u, d));
   if (Find(u, d) != nullptr) {
     return absl::FailedPreconditionError(
         "the device is attached; it receives by push");

@@ -1,6 +1,7 @@
 // The key layout: the one place that knows how every key of every space is
-// built and parsed (lib/store/). All integers are big-endian so that byte order is numeric
-// order: a conversation's log entries are contiguous and sorted by seq.
+// built and parsed (lib/store/). All integers are big-endian so that byte
+// order is numeric order: a conversation's log entries are contiguous and
+// sorted by seq.
 //
 //   kMeta         "c" conv              -> ConversationMeta
 //                 "h" conv              -> head seq (8 bytes)
@@ -33,7 +34,6 @@
 //                 user "D" device "c" conv -> acked seq (read fan-out stream)
 //                 user "D" device "s" conv -> handed out by Sync (0 = user)
 //                 user "d" conv device  -> delivered (acked) seq, receipts
-
 //
 // Every key type has a builder and a validating parser (Parse*Key): a parser
 // accepts exactly the bytes its builder makes (length and tag bytes checked)

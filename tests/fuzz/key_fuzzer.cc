@@ -186,8 +186,10 @@ std::optional<Parsed> StoreParse(Space space, std::string_view k) {
         case keys::MetaKeyKind::kConversationMeta:
           return Parsed{Kind::kConversationMeta, p->id};
         case keys::MetaKeyKind::kHead: return Parsed{Kind::kHead, p->id};
-        case keys::MetaKeyKind::kPtsLimit: return Parsed{Kind::kPtsLimit, p->id};
-        case keys::MetaKeyKind::kSeqLimit: return Parsed{Kind::kSeqLimit, p->id};
+        case keys::MetaKeyKind::kPtsLimit:
+          return Parsed{Kind::kPtsLimit, p->id};
+        case keys::MetaKeyKind::kSeqLimit:
+          return Parsed{Kind::kSeqLimit, p->id};
         case keys::MetaKeyKind::kOpenRecord:
           FUZZ_CHECK(p->id == 0, "fixed meta key with an id");
           return Parsed{Kind::kOpenRecord};

@@ -31,14 +31,16 @@
 // generation), so there is only ever one drain loop per device and a sink is
 // never entered twice at once. Sinks are called outside every lock.
 //
-// Lock order (all of parley's locks: docs/DESIGN.md, "Locks"): Device::mu,
-// then registry_mu_ or timers_mu_ (never the other way); sequencer state
-// locks (through HeadSource) may be taken under Device::mu, and the
-// sequencer never calls delivery while holding one.
+// Lock order (all of parley's locks: docs/DESIGN.md, "Locks"): a device's
+// records lock (RecordsMu: ForgetDevice, pull-mode acks, Sync), then
+// Device::mu, then registry_mu_ or timers_mu_ (never the other way);
+// sequencer state locks (through HeadSource) may be taken under either of
+// the first two, and the sequencer never calls delivery while holding one.
 
 #ifndef PARLEY_LIB_DELIVERY_DELIVERY_MANAGER_H_
 #define PARLEY_LIB_DELIVERY_DELIVERY_MANAGER_H_
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <map>
@@ -77,6 +79,9 @@ class DeliveryManager final : public FeedListener {
   absl::Status Ack(UserId u, DeviceId d, StreamId stream, uint64_t position);
   absl::StatusOr<SyncPage> Sync(UserId u, DeviceId d, const SyncRequest& r);
   absl::StatusOr<std::vector<StreamPosition>> Positions(UserId u, DeviceId d);
+  // Detaches the device if attached and deletes all its records in one batch
+  // (devices.cc).
+  absl::Status ForgetDevice(UserId u, DeviceId d);
   size_t ProcessTimers();
   std::optional<Timestamp> NextTimerDue();
 
@@ -257,6 +262,10 @@ class DeliveryManager final : public FeedListener {
                             WriteBatch* batch);
 
   DevicePtr Find(UserId u, DeviceId d);
+  // The lock that orders writers of a device's records that hold no
+  // Device::mu of the registered session (ForgetDevice, AckDetached, Sync)
+  // against each other (devices.cc). Taken before any Device::mu.
+  Mutex& RecordsMu(UserId u, DeviceId d);
   std::vector<DevicePtr> DevicesOf(UserId u);
 
   const Options& options_;
@@ -274,6 +283,8 @@ class DeliveryManager final : public FeedListener {
   // never depends on hash order; insert and erase are O(log n)).
   absl::flat_hash_map<uint64_t, absl::btree_map<DeviceKey, DevicePtr>>
       by_conversation_ ABSL_GUARDED_BY(registry_mu_);
+
+  std::array<Mutex, 16> records_mu_;  // by hash of (user, device)
 
   Mutex timers_mu_;
   std::set<std::pair<int64_t, DeviceKey>> timers_ ABSL_GUARDED_BY(timers_mu_);

@@ -14,7 +14,7 @@
 #include "engine/engine_internal.h"
 #include "fanout/fanout_policy.h"
 #include "engine/open_record.h"
-#include "log/keys.h"
+#include "store/keys.h"
 #include "log/log_codec.h"
 
 namespace parley {
@@ -122,6 +122,12 @@ absl::StatusOr<std::vector<StreamPosition>> EngineImpl::Positions(
   OpGuard guard(this);
   PARLEY_RETURN_IF_ERROR(guard.status());
   return delivery_.Positions(user, device);
+}
+
+absl::Status EngineImpl::ForgetDevice(UserId user, DeviceId device) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  return delivery_.ForgetDevice(user, device);
 }
 
 size_t EngineImpl::ProcessTimers() {

@@ -64,6 +64,7 @@ class EngineImpl final : public Engine {
                                 const SyncRequest& request) override;
   absl::StatusOr<std::vector<StreamPosition>> Positions(
       UserId user, DeviceId device) override;
+  absl::Status ForgetDevice(UserId user, DeviceId device) override;
   size_t ProcessTimers() override;
   std::optional<Timestamp> NextTimerDue() override;
   absl::Status MarkRead(UserId user, DeviceId device,

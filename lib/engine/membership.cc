@@ -11,7 +11,7 @@
 #include "engine/engine_internal.h"
 #include "fanout/fanout_policy.h"
 #include "engine/open_record.h"
-#include "log/keys.h"
+#include "store/keys.h"
 #include "log/log_codec.h"
 
 namespace parley {
@@ -328,9 +328,13 @@ absl::StatusOr<std::vector<Member>> EngineImpl::ListMembers(ConversationId c) {
       storage_->NewIterator(Space::kMembers, prefix, PrefixSuccessor(prefix));
   std::vector<MembershipInterval> intervals;
   for (it->Seek(prefix); it->Valid(); it->Next()) {
+    auto key = keys::ParseMemberKey(it->key());
+    if (!key.has_value() || key->conversation != c) {
+      return keys::CorruptKeyError(Space::kMembers, it->key());
+    }
     PARLEY_RETURN_IF_ERROR(DecodeMemberValue(it->value(), &intervals));
     if (!intervals.empty() && !intervals.back().left.valid()) {
-      out.push_back({keys::UserOfMemberKey(it->key()), intervals.back().joined});
+      out.push_back({key->user, intervals.back().joined});
     }
   }
   PARLEY_RETURN_IF_ERROR(it->status());

@@ -12,7 +12,8 @@
 #include "engine/engine_internal.h"
 #include "fanout/fanout_policy.h"
 #include "engine/open_record.h"
-#include "log/keys.h"
+#include "store/cursor_store.h"
+#include "store/keys.h"
 #include "log/log_codec.h"
 
 namespace parley {
@@ -75,7 +76,11 @@ absl::StatusOr<HistoryPage> EngineImpl::ReadHistory(const HistoryRequest& q) {
   }
   page.entries.reserve(std::min<size_t>(limit, hi - lo + 1));
   for (; it->Valid(); forward ? it->Next() : it->Prev()) {
-    const uint64_t seq = keys::SeqOfLogKey(it->key()).value();
+    auto key = keys::ParseLogKey(it->key());
+    if (!key.has_value() || key->conversation != q.conversation) {
+      return keys::CorruptKeyError(Space::kLog, it->key());
+    }
+    const uint64_t seq = key->seq.value();
     if (!Visible(*intervals, seq) || IsExpired(it->value(), now)) continue;
     if (page.entries.size() == limit) {
       page.next = Seq(seq);  // the first entry of the next page
@@ -185,9 +190,7 @@ absl::Status EngineImpl::MarkRead(UserId user, DeviceId device,
     if (!members.ok()) return fail(members.status());
     receipt_to = std::move(*members);
   }
-  std::string value;
-  PutFixed64BE(&value, up_to.value());
-  rv.batch().Put(Space::kCursors, keys::ReadPositionKey(user, c), value);
+  store::PutReadPosition(&rv.batch(), user, c, up_to.value());
   rv.pending_read = std::make_pair(user, up_to.value());
   PARLEY_RETURN_IF_ERROR(sequencer_.Commit(&rv));
 
@@ -282,23 +285,19 @@ absl::StatusOr<std::vector<DeviceReceipt>> EngineImpl::GetReceipts(
   for (UserId m : members) {
     auto read = StoredRead(m, c);
     if (!read.ok()) return read.status();
-    const std::string prefix = keys::DeliveredPrefix(m, c);
-    auto it =
-        storage_->NewIterator(Space::kCursors, prefix, PrefixSuccessor(prefix));
+    auto delivered = store::ListDelivered(*storage_, m, c);
+    if (!delivered.ok()) return delivered.status();
     bool sender_listed = false;
-    for (it->Seek(prefix); it->Valid(); it->Next()) {
-      uint64_t delivered;
-      PARLEY_RETURN_IF_ERROR(DecodeU64Value(it->value(), &delivered));
+    for (const store::DeliveredRecord& d : *delivered) {
       DeviceReceipt rc;
       rc.user = m;
-      rc.device = DeviceId(DecodeFixed64BE(it->key().data() + prefix.size()));
+      rc.device = d.device;
       const bool own = m == entry.sender && rc.device == entry.device;
       sender_listed = sender_listed || own;
-      rc.delivered = own || delivered >= seq.value();
+      rc.delivered = own || d.seq >= seq.value();
       rc.read = *read >= seq.value();
       out.push_back(rc);
     }
-    PARLEY_RETURN_IF_ERROR(it->status());
     if (m == entry.sender && entry.device.valid() && !sender_listed) {
       out.push_back({m, entry.device, true, *read >= seq.value()});
     }
@@ -360,14 +359,7 @@ absl::StatusOr<FanoutMode> EngineImpl::GetFanoutMode(ConversationId c) {
 }
 
 absl::StatusOr<uint64_t> EngineImpl::StoredRead(UserId u, ConversationId c) {
-  std::string value;
-  absl::Status s =
-      storage_->Get(Space::kCursors, keys::ReadPositionKey(u, c), &value);
-  if (absl::IsNotFound(s)) return 0;
-  PARLEY_RETURN_IF_ERROR(s);
-  uint64_t v;
-  PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &v));
-  return v;
+  return store::GetReadPosition(*storage_, u, c);
 }
 
 }  // namespace parley

@@ -12,7 +12,8 @@
 #include "engine/engine_internal.h"
 #include "fanout/fanout_policy.h"
 #include "engine/open_record.h"
-#include "log/keys.h"
+#include "store/cursor_store.h"
+#include "store/keys.h"
 #include "log/log_codec.h"
 
 namespace parley {
@@ -291,8 +292,7 @@ std::optional<absl::StatusOr<SendResult>> EngineImpl::ReserveSend(
   PutFixed64BE(&value, result.seq.value());
   batch.Put(Space::kMeta, keys::HeadKey(q.conversation), value);
   // The sender has read everything up to its own message.
-  batch.Put(Space::kCursors, keys::ReadPositionKey(q.sender, q.conversation),
-              value);
+  store::PutReadPosition(&batch, q.sender, q.conversation, result.seq.value());
   if (mode == FanoutMode::kWrite) {
     std::vector<UserId> targets;
     targets.reserve(rv.locked.size());

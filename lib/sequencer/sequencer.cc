@@ -11,7 +11,7 @@
 #include "common/check.h"
 #include "common/coding.h"
 #include "engine/open_record.h"
-#include "log/keys.h"
+#include "store/keys.h"
 #include "log/log_codec.h"
 
 namespace parley {
@@ -93,10 +93,13 @@ absl::Status Sequencer::LoadLocked(ConversationState& st) {
                                     PrefixSuccessor(prefix));
     std::vector<MembershipInterval> intervals;
     for (it->Seek(prefix); it->Valid(); it->Next()) {
+      auto key = keys::ParseMemberKey(it->key());
+      if (!key || key->conversation != st.id) {
+        return keys::CorruptKeyError(Space::kMembers, it->key());
+      }
       PARLEY_RETURN_IF_ERROR(DecodeMemberValue(it->value(), &intervals));
       if (!intervals.empty() && !intervals.back().left.valid()) {
-        st.members.emplace_back(keys::UserOfMemberKey(it->key()),
-                                intervals.back().joined);
+        st.members.emplace_back(key->user, intervals.back().joined);
       }
     }
     PARLEY_RETURN_IF_ERROR(it->status());
@@ -393,7 +396,11 @@ absl::Status Sequencer::LoadUserLocked(UserStreamState& us) {
                                     PrefixSuccessor(prefix));
     it->SeekForPrev(keys::UserStreamKey(us.id, ~uint64_t{0}));
     if (it->Valid()) {
-      last = keys::PtsOfUserStreamKey(it->key());
+      auto key = keys::ParseUserStreamKey(it->key());
+      if (!key || key->user != us.id) {
+        return keys::CorruptKeyError(Space::kUserStream, it->key());
+      }
+      last = key->pts;
       if (it->value().size() < kExpiryPrefixBytes) {
         return absl::DataLossError("corrupt update stream entry");
       }
@@ -454,9 +461,13 @@ absl::StatusOr<std::vector<UserId>> Sequencer::MembersLocked(
       storage_->NewIterator(Space::kMembers, prefix, PrefixSuccessor(prefix));
   std::vector<MembershipInterval> intervals;
   for (it->Seek(prefix); it->Valid(); it->Next()) {
+    auto key = keys::ParseMemberKey(it->key());
+    if (!key || key->conversation != st.id) {
+      return keys::CorruptKeyError(Space::kMembers, it->key());
+    }
     PARLEY_RETURN_IF_ERROR(DecodeMemberValue(it->value(), &intervals));
     if (!intervals.empty() && !intervals.back().left.valid()) {
-      out.push_back(keys::UserOfMemberKey(it->key()));
+      out.push_back(key->user);
     }
   }
   PARLEY_RETURN_IF_ERROR(it->status());

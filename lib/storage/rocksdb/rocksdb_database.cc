@@ -201,7 +201,7 @@ class HealthListener final : public rocksdb::EventListener {
 };
 
 // The key prefix under which a space's writes follow each other (see
-// lib/log/keys.h), for memtable insert hints; 0 = none.
+// lib/store/keys.h), for memtable insert hints; 0 = none.
 //   kLog, kUserStream: an 8-byte owner (conversation, user) and an
 //     increasing position: each append goes after the owner's last key
 //     (write fan-out inserts one key per member; the search was ~half of a

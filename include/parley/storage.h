@@ -209,9 +209,12 @@ struct RocksDbStorageOptions {
 };
 
 // Opens (or creates) a RocksDB-backed storage. `clock` decides expiry in
-// compaction. Returns InvalidArgument for bad options, Unavailable if the
-// database cannot be opened (locked by another process, I/O error, a full
-// disk), DataLoss if it is corrupt (see salvage_damaged_wal).
+// compaction. Returns InvalidArgument for bad options, FailedPrecondition if
+// the database is in use (another process, or another open storage in this
+// one, holds its lock: retrying does not help until that one closes),
+// NotFound if there is none and create_if_missing is false, Unavailable if it
+// cannot be opened for now (an I/O error, a full disk), DataLoss if it is
+// corrupt (see salvage_damaged_wal).
 //
 // I/O errors: after a failed write RocksDB refuses writes until it
 // recovers. The storage recovers on a later Write/SyncWal call (resuming

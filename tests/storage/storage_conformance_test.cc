@@ -3,7 +3,10 @@
 // directory. Backend-specific tests (durability simulation, fault injection,
 // RocksDB open errors) follow at the end.
 
+#include <signal.h>
 #include <stdlib.h>  // mkdtemp
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -750,13 +753,18 @@ TEST_CASE(
 
 // ---- RocksDB storage only ----
 
-TEST_CASE("rocksdb storage: a second open of a live database is Unavailable",
+TEST_CASE("rocksdb storage: a database in use by this process is refused",
           "[storage][rocksdb]") {
   Backend backend("rocksdb");
   auto second = OpenRocksDbStorage(TestRocksOptions(backend.path()),
                                    backend.shared_clock());
   INFO(second.status().ToString());
-  CHECK(absl::IsUnavailable(second.status()));
+  // Retrying cannot help until the first closes: not Unavailable.
+  CHECK(absl::IsFailedPrecondition(second.status()));
+  CHECK(std::string(second.status().message()).find("is in use") !=
+        std::string::npos);
+  CHECK(std::string(second.status().message()).find(backend.path()) !=
+        std::string::npos);
 
   // Once the first is closed the database opens again.
   REQUIRE(backend.storage().Close().ok());
@@ -764,6 +772,67 @@ TEST_CASE("rocksdb storage: a second open of a live database is Unavailable",
                                   backend.shared_clock());
   INFO(third.status().ToString());
   CHECK(third.ok());
+}
+
+TEST_CASE("rocksdb storage: a database in use by another process is refused",
+          "[storage][rocksdb]") {
+  TempDir dir;
+  auto clock = std::make_shared<ManualClock>();
+  {
+    auto created = OpenRocksDbStorage(TestRocksOptions(dir.path()), clock);
+    REQUIRE(created.ok());
+    REQUIRE((*created)->Close().ok());
+  }
+  // Another process holds the lock the way RocksDB takes it (an fcntl
+  // write lock on LOCK): python's lockf is the same kind of lock.
+  int out[2];
+  REQUIRE(pipe(out) == 0);
+  const std::string lock_path = dir.path() + "/LOCK";
+  const pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    dup2(out[1], 1);
+    close(out[0]);
+    execlp("python3", "python3", "-c",
+           "import fcntl, sys, time\n"
+           "f = open(sys.argv[1], 'r+')\n"
+           "fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+           "print('locked', flush=True)\n"
+           "time.sleep(60)\n",
+           lock_path.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  close(out[1]);
+  char buf[16] = {};
+  const ssize_t n = read(out[0], buf, sizeof(buf) - 1);
+  close(out[0]);
+  const bool locked = n > 0 && std::string(buf, n).rfind("locked", 0) == 0;
+  absl::Status status = absl::OkStatus();
+  if (locked) {
+    auto opened = OpenRocksDbStorage(TestRocksOptions(dir.path()), clock);
+    status = opened.status();
+  }
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+  REQUIRE(locked);
+  INFO(status.ToString());
+  CHECK(absl::IsFailedPrecondition(status));
+  CHECK(std::string(status.message()).find("is in use") != std::string::npos);
+  // Free again once the other process is gone.
+  auto reopened = OpenRocksDbStorage(TestRocksOptions(dir.path()), clock);
+  INFO(reopened.status().ToString());
+  CHECK(reopened.ok());
+}
+
+TEST_CASE("rocksdb storage: opening a missing database without create is "
+          "NotFound",
+          "[storage][rocksdb]") {
+  TempDir dir;
+  RocksDbStorageOptions options = TestRocksOptions(dir.path() + "/none");
+  options.create_if_missing = false;
+  auto opened = OpenRocksDbStorage(options, std::make_shared<ManualClock>());
+  INFO(opened.status().ToString());
+  CHECK(absl::IsNotFound(opened.status()));
 }
 
 TEST_CASE("rocksdb storage: a corrupt database opens with DataLoss",

@@ -55,6 +55,34 @@
 
 namespace parley {
 
+namespace {
+
+// DB::Open's errors, in words a host can act on. Retrying cannot help with
+// these two, so they are not Unavailable.
+absl::Status OpenError(const rocksdb::Status& s,
+                       const RocksDbStorageOptions& options) {
+  const std::string text = s.ToString();
+  if (s.IsIOError() && text.find("/LOCK") != std::string::npos) {
+    // "While lock file: <path>/LOCK: Resource temporarily unavailable" (held
+    // by another process) or "lock hold by current process" (this one).
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the database at ", options.path,
+        " is in use by another storage (its LOCK file is held, by another "
+        "process or by an open storage in this one); close that first, or "
+        "open another path. RocksDB said: ",
+        text));
+  }
+  if (s.IsInvalidArgument() &&
+      text.find("does not exist") != std::string::npos) {
+    return absl::NotFoundError(absl::StrCat(
+        "no database at ", options.path,
+        " (create_if_missing is false). RocksDB said: ", text));
+  }
+  return FromRocks(s, "Open");
+}
+
+}  // namespace
+
 absl::Status FromRocks(const rocksdb::Status& s, const char* operation) {
   if (s.ok()) return absl::OkStatus();
   const std::string message =
@@ -380,7 +408,7 @@ absl::StatusOr<std::shared_ptr<Database>> OpenDatabase(
       db_options, options.path, descriptors, &database->handles, &raw_db);
   database->db.reset(raw_db);
   if (!opened.ok()) {
-    absl::Status status = FromRocks(opened, "Open");
+    absl::Status status = OpenError(opened, options);
     // Nothing was acknowledged through this handle: nothing to sync.
     database->health->MarkFailed(opened, /*log=*/true);
     database->Close().IgnoreError();  // the open error is the one to report

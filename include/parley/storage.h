@@ -132,7 +132,8 @@ class Storage {
   virtual absl::Status Write(const WriteBatch& batch,
                              const StorageWriteOptions& options) = 0;
 
-  // Reads one key. Returns NotFound if absent, Unavailable on I/O error.
+  // Reads one key. Returns NotFound if absent, Unavailable on I/O error,
+  // DataLoss if what is stored is corrupt.
   virtual absl::Status Get(Space space, std::string_view key,
                            std::string* value) = 0;
 

@@ -94,7 +94,10 @@ absl::Status FromRocks(const rocksdb::Status& s, const char* operation) {
   if (s.IsCorruption()) return absl::DataLossError(message);
   if (s.IsInvalidArgument()) return absl::InvalidArgumentError(message);
   if (s.IsNotFound()) return absl::NotFoundError(message);
-  return absl::InternalError(message);
+  // Anything else (Aborted, NotSupported, ...) is outside Storage's
+  // contract: reported as a failure whose outcome is unknown, like an I/O
+  // error, never as a code the caller was not told about.
+  return absl::UnavailableError(message);
 }
 
 namespace {

@@ -66,8 +66,9 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
   // The device is registered (for the feed) before any head is read: every
   // commit is either in what is read below or published to it afterwards.
   if (follow) {
-    MutexLock lock(&registry_mu_);
-    by_user_[u.value()].push_back(dev);
+    RegistryShard& shard = UserShardOf(u.value());
+    MutexLock lock(&shard.mu);
+    shard.by_user[u.value()].push_back(dev);
   }
 
   // User stream.
@@ -198,19 +199,17 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
 void DeliveryManager::ResetLocked(const DevicePtr& d) {
   Unschedule(*d);
   d->generation.fetch_add(1, std::memory_order_acq_rel);
+  // One shard lock at a time: each followed conversation's, then the
+  // user's (O(1) expected each, whatever the number of followers).
+  for (const auto& [c, s] : d->conversations) Unfollow(d, c);
   {
-    MutexLock lock(&registry_mu_);
-    for (const auto& [c, s] : d->conversations) {
-      auto it = by_conversation_.find(c);
-      if (it == by_conversation_.end()) continue;
-      it->second.erase(DeviceKey(d->user.value(), d->device.value()));
-      if (it->second.empty()) by_conversation_.erase(it);
-    }
-    auto it = by_user_.find(d->user.value());
-    if (it != by_user_.end()) {
+    RegistryShard& shard = UserShardOf(d->user.value());
+    MutexLock lock(&shard.mu);
+    auto it = shard.by_user.find(d->user.value());
+    if (it != shard.by_user.end()) {
       auto& list = it->second;
       list.erase(std::remove(list.begin(), list.end(), d), list.end());
-      if (list.empty()) by_user_.erase(it);
+      if (list.empty()) shard.by_user.erase(it);
     }
   }
   d->outbox.clear();
@@ -225,9 +224,10 @@ void DeliveryManager::ResetLocked(const DevicePtr& d) {
 
 void DeliveryManager::UnregisterLocked(const DevicePtr& d) {
   d->registered = false;
-  MutexLock lock(&registry_mu_);
-  auto it = devices_.find(DeviceKey(d->user.value(), d->device.value()));
-  if (it != devices_.end() && it->second == d) devices_.erase(it);
+  RegistryShard& shard = UserShardOf(d->user.value());
+  MutexLock lock(&shard.mu);
+  auto it = shard.devices.find(DeviceKey(d->user.value(), d->device.value()));
+  if (it != shard.devices.end() && it->second == d) shard.devices.erase(it);
 }
 
 void DeliveryManager::ApplyRangesLocked(const DevicePtr& d, ConversationId c,

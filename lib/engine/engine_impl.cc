@@ -154,6 +154,7 @@ EngineStats EngineImpl::GetStats() {
   s.cached_conversations = cache_.size();
   s.conversation_loads = loads_.load(std::memory_order_relaxed);
   s.attached_devices = delivery_.attached();
+  s.conversation_follows = delivery_.follows();
   s.deliveries = delivery_.deliveries();
   s.redeliveries = delivery_.redeliveries();
   s.acks = delivery_.acks();

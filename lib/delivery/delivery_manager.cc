@@ -142,8 +142,8 @@ uint64_t DeliveryManager::follows() {
 void DeliveryManager::Follow(const DevicePtr& d, uint64_t c) {
   RegistryShard& shard = ConversationShardOf(c);
   MutexLock lock(&shard.mu);
-  shard.followers[c].try_emplace(DeviceKey(d->user.value(), d->device.value()),
-                                 d);
+  // The live object wins over a stale one of the same device.
+  shard.followers[c][DeviceKey(d->user.value(), d->device.value())] = d;
 }
 
 void DeliveryManager::Unfollow(const DevicePtr& d, uint64_t c) {

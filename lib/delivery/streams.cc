@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "common/check.h"
 #include "common/coding.h"
@@ -115,6 +116,12 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
   std::map<uint64_t, uint64_t> finished;  // conversation -> position
   for (ConversationId c : candidates) {
     if (follow) Follow(dev, c.value());
+    // Until c gets a stream below, leaving this iteration (finished, or an
+    // error) must not leave the device following c: ResetLocked unfollows
+    // only the conversations it has streams for.
+    absl::Cleanup unfollow = [&] {
+      if (follow) Unfollow(dev, c.value());
+    };
     // Head first, then the ranges: they reflect every change up to it.
     auto head = heads_->ConversationHead(c);
     if (!head.ok()) return head.status();
@@ -142,7 +149,6 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
     bool creset = cpos > *head;
     if (creset) cpos = *head;
     if (ranges.empty() || RangesDone(ranges, cpos)) {
-      if (follow) Unfollow(dev, c.value());
       dev->done_versions[c.value()] = version;
       if (!ranges.empty()) finished[c.value()] = cpos;
       continue;
@@ -169,6 +175,7 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
     Stream& cs = dev->conversations.try_emplace(c.value(),
                                                 StreamId::Conversation(c))
                      .first->second;
+    std::move(unfollow).Cancel();
     cs.acked = cs.sent = cpos;
     cs.known_head = *head;
     cs.ranges = std::move(ranges);

@@ -16,6 +16,7 @@
 #include <catch2/catch.hpp>
 
 #include "delivery/delivery_testing.h"
+#include "testing/faulty_storage.h"
 
 namespace parley {
 namespace {
@@ -23,9 +24,12 @@ namespace {
 using testing::CheckReceived;
 using testing::CheckWellFormed;
 using testing::CreateGroup;
+using testing::FaultyStorage;
+using testing::StorageOp;
 using testing::ModeOf;
 using testing::Range;
 using testing::RecordingSink;
+using testing::SendMsg;
 using testing::TestDevice;
 using testing::TestEnv;
 
@@ -210,6 +214,42 @@ TEST_CASE("followers leave the registry when a device detaches or leaves",
   CHECK(e->GetStats().conversation_follows == 0);
   CHECK(e->GetStats().attached_devices == 0);
   for (auto& d : devices) CheckWellFormed(d);
+}
+
+TEST_CASE("an attach that fails after following leaves no follower behind",
+          "[delivery][registry]") {
+  TestEnv env("memory");
+  auto faulty = std::make_shared<FaultyStorage>(env.OpenStorage());
+  Options o = env.MakeOptions();
+  o.storage = faulty;
+  o.fanout_threshold = 2;
+  auto e = env.OpenEngine(o);
+  CreateGroup(*e, kRoom, {UserId(1), UserId(2), UserId(3)});
+  // Attach follows the conversation, then reads the user's ranges of it:
+  // that read fails.
+  std::atomic<int> failed{0};
+  faulty->SetHook([&](StorageOp op, Space space, std::string_view) {
+    if (op == StorageOp::kGet && space == Space::kUserIndex) {
+      failed.fetch_add(1);
+      return absl::UnavailableError("injected: ranges");
+    }
+    return absl::OkStatus();
+  });
+  auto r = e->Attach(UserId(2), DeviceId(1),
+                     std::make_shared<testing::RecordingSink>(), {});
+  CHECK_FALSE(r.ok());
+  CHECK(failed.load() > 0);
+  CHECK(e->GetStats().attached_devices == 0);
+  CHECK(e->GetStats().conversation_follows == 0);
+  faulty->SetHook(nullptr);
+  // And the device attaches normally afterwards.
+  TestDevice d(UserId(2), DeviceId(1));
+  d.Attach(*e);
+  CHECK(e->GetStats().conversation_follows == 1);
+  SendMsg(*e, UserId(1), DeviceId(1), kRoom, "after");
+  CHECK(d.FirstSeen(kRoom) == std::vector<uint64_t>{2});
+  d.Detach(*e);
+  CHECK(e->GetStats().conversation_follows == 0);
 }
 
 }  // namespace

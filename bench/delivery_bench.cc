@@ -227,7 +227,7 @@ void PutVarintField(std::string* out, int field, uint64_t v) {
   PutVarint(out, v);
 }
 
-// parley's keys (lib/log/keys.h) and log value (lib/log/log_codec.cc),
+// parley's keys (lib/store/keys.h) and log value (lib/log/log_codec.cc),
 // written by hand as in send_bench.cc.
 std::string LogKey(uint64_t conv, uint64_t seq) {
   std::string k;

@@ -120,7 +120,7 @@ fs::path CopyDb(const fs::path& from, std::string_view tag) {
   return to;
 }
 
-// parley's log key (lib/log/keys.h): conversation | seq, big-endian.
+// parley's log key (lib/store/keys.h): conversation | seq, big-endian.
 std::string LogKey(uint64_t conv, uint64_t seq) {
   std::string k(16, '\0');
   for (int i = 0; i < 8; ++i) {

@@ -185,7 +185,7 @@ void PutVarintField(std::string* out, int field, uint64_t v) {
 }
 
 // The records parley stores for one send, byte for byte the same layout as
-// lib/log/keys.h and lib/log/log_codec.cc produce (protobuf wire format of
+// lib/store/keys.h and lib/log/log_codec.cc produce (protobuf wire format of
 // records.proto, written by hand so the baseline pays no protobuf cost).
 void LogKey(std::string* k, uint64_t conv, uint64_t seq) {
   k->clear();

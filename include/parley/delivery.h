@@ -29,6 +29,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "parley/types.h"
@@ -39,6 +40,14 @@ enum class StreamKind : uint8_t {
   kUser = 1,          // the user's update stream; conversation is 0
   kConversation = 2,  // one fan-out-on-read conversation
 };
+
+constexpr std::string_view Name(StreamKind k) {
+  switch (k) {
+    case StreamKind::kUser: return "user";
+    case StreamKind::kConversation: return "conversation";
+  }
+  return "unknown";
+}
 
 struct StreamId {
   StreamKind kind = StreamKind::kUser;
@@ -79,6 +88,16 @@ enum class EventKind : uint8_t {
   kReceipt = 4,       // another member read up to `seq` (small conversations)
 };
 
+constexpr std::string_view Name(EventKind k) {
+  switch (k) {
+    case EventKind::kTyping: return "typing";
+    case EventKind::kPresence: return "presence";
+    case EventKind::kReadPosition: return "read_position";
+    case EventKind::kReceipt: return "receipt";
+  }
+  return "unknown";
+}
+
 // Events are never stored and never retried: an offline device misses them.
 struct Event {
   EventKind kind = EventKind::kTyping;
@@ -111,7 +130,8 @@ struct AttachOptions {
   // stored from the device's acks, or, for a conversation stream the device
   // never had, the start of the user's fan-out-on-read stretch. Empty (and no
   // stored positions): a device the engine has never seen starts at the
-  // current heads (it fetches older history with ReadHistory).
+  // current heads (it fetches older history with ReadHistory). Default:
+  // empty.
   std::vector<StreamPosition> resume_from;
 };
 
@@ -161,6 +181,14 @@ enum class FanoutMode : uint8_t {
   kWrite = 1,  // recorded in each member's update stream
   kRead = 2,   // stored once; devices keep a cursor per conversation
 };
+
+constexpr std::string_view Name(FanoutMode m) {
+  switch (m) {
+    case FanoutMode::kWrite: return "write";
+    case FanoutMode::kRead: return "read";
+  }
+  return "unknown";
+}
 
 // Chooses a conversation's fan-out mode whenever its membership changes.
 // Must be deterministic and thread-safe; called under engine locks, so it must

@@ -219,6 +219,22 @@ class Engine {
   virtual absl::StatusOr<std::vector<StreamPosition>> Positions(
       UserId user, DeviceId device) = 0;
 
+  // Forgets a device the host unlinked (logout, a lost phone): detaches it if
+  // attached, then deletes everything stored of it — its acked positions,
+  // what Sync handed it, its delivered records — in one atomic write. The
+  // user's read positions (per user, not per device) stay. Afterwards
+  // Positions() is empty, GetReceipts() no longer lists the device (unless
+  // it sent the message itself: a sender's device is always listed), and an
+  // Attach or Sync of the same device id starts as a new device does. An Ack
+  // or Attach of the device racing this call takes effect wholly before it
+  // (and is forgotten) or wholly after it. Forgetting a device that has
+  // nothing stored is OK.
+  // InvalidArgument (zero ids), FailedPrecondition (closed), Unavailable (the
+  // device is detached; its records may or may not be gone: call again),
+  // DataLoss (a stored key of the user's records is corrupt; nothing
+  // changed).
+  virtual absl::Status ForgetDevice(UserId user, DeviceId device) = 0;
+
   // Redelivers whatever has waited longer than its ack timeout (capped,
   // jittered exponential backoff from Options). The host calls it when
   // NextTimerDue() passes, from any thread. Returns how many were redelivered.

@@ -29,6 +29,16 @@ class SendAuthorizer {
 
 enum class LogLevel : uint8_t { kDebug, kInfo, kWarning, kError };
 
+constexpr std::string_view Name(LogLevel l) {
+  switch (l) {
+    case LogLevel::kDebug: return "debug";
+    case LogLevel::kInfo: return "info";
+    case LogLevel::kWarning: return "warning";
+    case LogLevel::kError: return "error";
+  }
+  return "unknown";
+}
+
 // Receives the engine's log lines. Thread-safe: called from any thread.
 class Logger {
  public:

@@ -14,6 +14,7 @@
 #define PARLEY_MESSAGE_ID_H_
 
 #include <cstdint>
+#include <string>
 
 #include "parley/types.h"
 
@@ -39,6 +40,10 @@ inline MessageIdParts DecodeMessageId(MessageId id) {
       static_cast<uint32_t>((v >> kIdSequenceBits) & kMaxNodeId),
       static_cast<uint32_t>(v & ((1u << kIdSequenceBits) - 1))};
 }
+
+// "message:<value> (2026-12-02T07:00:00.123Z node 3 #5)": the id with its
+// timestamp (UTC), node id and per-millisecond sequence.
+std::string DescribeMessageId(MessageId id);
 
 }  // namespace parley
 

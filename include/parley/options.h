@@ -37,6 +37,14 @@ enum class Durability : uint8_t {
   kSync = 2,
 };
 
+constexpr std::string_view Name(Durability d) {
+  switch (d) {
+    case Durability::kBuffered: return "buffered";
+    case Durability::kSync: return "sync";
+  }
+  return "unknown";
+}
+
 struct Options {
   // Storage to use. Required. Shared: the same object may be handed to a new
   // engine after the old one is closed (that is how memory storage survives a

@@ -19,13 +19,16 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <ostream>
 #include <string>
 #include <string_view>
 #include <vector>
 
 namespace parley {
 
-// A 64-bit identifier that only compares with ids of the same Tag.
+// A 64-bit identifier that only compares with ids of the same Tag. Printed
+// (operator<<, ToString, AbslStringify) as the tag's name and the value:
+// "user:42", "conversation:7", "seq:3".
 template <typename Tag>
 class StrongId {
  public:
@@ -41,19 +44,50 @@ class StrongId {
   friend H AbslHashValue(H h, StrongId id) {
     return H::combine(std::move(h), id.value_);
   }
+  friend std::ostream& operator<<(std::ostream& os, StrongId id) {
+    return os << Tag::kName << ':' << id.value_;
+  }
+  // absl::StrCat / StrFormat("%v") in Abseil releases that support it.
+  template <typename Sink>
+  friend void AbslStringify(Sink& sink, StrongId id) {
+    sink.Append(ToString(id));
+  }
+  friend std::string ToString(StrongId id) {
+    std::string out(Tag::kName);
+    out.push_back(':');
+    out += std::to_string(id.value_);
+    return out;
+  }
 
  private:
   uint64_t value_ = 0;
 };
 
-using UserId = StrongId<struct UserIdTag>;
-using DeviceId = StrongId<struct DeviceIdTag>;
-using ConversationId = StrongId<struct ConversationIdTag>;
+struct UserIdTag {
+  static constexpr std::string_view kName = "user";
+};
+struct DeviceIdTag {
+  static constexpr std::string_view kName = "device";
+};
+struct ConversationIdTag {
+  static constexpr std::string_view kName = "conversation";
+};
+struct MessageIdTag {
+  static constexpr std::string_view kName = "message";
+};
+struct SeqTag {
+  static constexpr std::string_view kName = "seq";
+};
+
+using UserId = StrongId<UserIdTag>;
+using DeviceId = StrongId<DeviceIdTag>;
+using ConversationId = StrongId<ConversationIdTag>;
 // Time-sortable message id: 41 bits of milliseconds since kIdEpoch, 10 bits of
-// node id, 12 bits of per-millisecond sequence. See message_id.h.
-using MessageId = StrongId<struct MessageIdTag>;
+// node id, 12 bits of per-millisecond sequence. See message_id.h
+// (DescribeMessageId prints the parts).
+using MessageId = StrongId<MessageIdTag>;
 // Position in one conversation's log. Dense from 1; 0 means "before the first".
-using Seq = StrongId<struct SeqTag>;
+using Seq = StrongId<SeqTag>;
 
 // Wall-clock instants at microsecond resolution (the resolution stored).
 using Timestamp = std::chrono::time_point<std::chrono::system_clock,
@@ -63,6 +97,16 @@ enum class ConversationKind : uint8_t {
   kDirect = 1,  // exactly two members, membership fixed at creation
   kGroup = 2,   // any number of members, membership changes are log entries
 };
+
+// Names of enum values ("direct", "member_added", ...; "unknown" for a value
+// the enum does not have), for logs and host UIs.
+constexpr std::string_view Name(ConversationKind k) {
+  switch (k) {
+    case ConversationKind::kDirect: return "direct";
+    case ConversationKind::kGroup: return "group";
+  }
+  return "unknown";
+}
 
 // What a log entry records. Membership changes live in the same log as
 // messages, so "which messages may this member see" is always defined by seqs.
@@ -77,6 +121,17 @@ enum class EntryKind : uint8_t {
   // the stored seq limit; carries no id, sender or payload.
   kLost = 5,
 };
+
+constexpr std::string_view Name(EntryKind k) {
+  switch (k) {
+    case EntryKind::kMessage: return "message";
+    case EntryKind::kCreated: return "created";
+    case EntryKind::kMemberAdded: return "member_added";
+    case EntryKind::kMemberRemoved: return "member_removed";
+    case EntryKind::kLost: return "lost";
+  }
+  return "unknown";
+}
 
 // Optional, host-defined description of a message. The engine validates the
 // sizes (Options) and stores it with the message; it never interprets it.
@@ -154,6 +209,14 @@ enum class ReadDirection : uint8_t {
   kForward = 1,   // ascending seq, starting at `from`
   kBackward = 2,  // descending seq, starting at `from`
 };
+
+constexpr std::string_view Name(ReadDirection d) {
+  switch (d) {
+    case ReadDirection::kForward: return "forward";
+    case ReadDirection::kBackward: return "backward";
+  }
+  return "unknown";
+}
 
 struct HistoryRequest {
   UserId reader;

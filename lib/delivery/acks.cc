@@ -10,7 +10,8 @@
 #include "common/check.h"
 #include "common/coding.h"
 #include "delivery/delivery_internal.h"
-#include "log/keys.h"
+#include "store/cursor_store.h"
+#include "store/keys.h"
 
 namespace parley {
 
@@ -22,15 +23,11 @@ using namespace delivery_internal;  // NOLINT: this folder's own helpers
 absl::Status DeliveryManager::WriteAck(Device& d, Stream& s, uint64_t acked,
                                        const std::vector<InFlight>& done) {
   WriteBatch batch;
-  std::string v;
-  PutFixed64BE(&v, acked);
   if (s.id.kind == StreamKind::kUser) {
-    batch.Put(Space::kCursors, keys::DeviceUserCursorKey(d.user, d.device), v);
+    store::PutDeviceUserCursor(&batch, d.user, d.device, acked);
   } else {
-    batch.Put(Space::kCursors,
-              keys::DeviceConversationCursorKey(d.user, d.device,
-                                                s.id.conversation),
-              v);
+    store::PutDeviceConversationCursor(&batch, d.user, d.device,
+                                       s.id.conversation, acked);
   }
   // Per-conversation delivered seqs, for receipts.
   std::map<uint64_t, uint64_t> delivered;
@@ -45,21 +42,11 @@ absl::Status DeliveryManager::WriteAck(Device& d, Stream& s, uint64_t acked,
 absl::Status DeliveryManager::PutDelivered(
     UserId u, DeviceId d, const std::map<uint64_t, uint64_t>& delivered,
     WriteBatch* batch) {
-  std::string v;
   for (const auto& [c, seq] : delivered) {
-    const std::string key = keys::DeliveredKey(u, ConversationId(c), d);
-    std::string old;
-    absl::Status gs = storage_->Get(Space::kCursors, key, &old);
-    uint64_t prev = 0;
-    if (gs.ok()) {
-      PARLEY_RETURN_IF_ERROR(DecodeU64Value(old, &prev));
-    } else if (!absl::IsNotFound(gs)) {
-      return gs;
-    }
-    if (seq <= prev) continue;
-    v.clear();
-    PutFixed64BE(&v, seq);
-    batch->Put(Space::kCursors, key, v);
+    auto prev = store::GetDelivered(*storage_, u, ConversationId(c), d);
+    if (!prev.ok()) return prev.status();
+    if (seq <= *prev) continue;
+    store::PutDelivered(batch, u, ConversationId(c), d, seq);
   }
   return absl::OkStatus();
 }
@@ -77,18 +64,12 @@ absl::Status DeliveryManager::Ack(UserId u, DeviceId d, StreamId stream,
       auto it = dev->conversations.find(stream.conversation.value());
       if (it == dev->conversations.end()) {
         // A finished stream: a late ack within it is a no-op.
-        std::string value;
-        uint64_t stored = 0;
-        absl::Status gs = storage_->Get(
-            Space::kCursors,
-            keys::DeviceConversationCursorKey(u, d, stream.conversation),
-            &value);
-        if (gs.ok()) {
-          PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &stored));
-        } else if (!absl::IsNotFound(gs)) {
-          return gs;
+        auto stored = store::GetDeviceConversationCursor(*storage_, u, d,
+                                                         stream.conversation);
+        if (!stored.ok()) return stored.status();
+        if (stored->has_value() && position <= **stored) {
+          return absl::OkStatus();
         }
-        if (gs.ok() && position <= stored) return absl::OkStatus();
         return absl::InvalidArgumentError(
             "the device has no stream for that conversation");
       }
@@ -135,61 +116,51 @@ absl::Status DeliveryManager::Ack(UserId u, DeviceId d, StreamId stream,
 absl::Status DeliveryManager::AckDetached(UserId u, DeviceId d,
                                           StreamId stream, uint64_t position) {
   // Pull mode (Sync): no session; move the stored cursor forward only.
-  {
-    std::string known;
-    absl::Status ks = storage_->Get(Space::kCursors,
-                                    keys::DeviceUserCursorKey(u, d), &known);
-    if (absl::IsNotFound(ks)) {
-      return absl::NotFoundError(
-          "the device is neither attached nor known from an earlier session");
-    }
-    PARLEY_RETURN_IF_ERROR(ks);
+  // Under the device's records lock: a ForgetDevice deletes all of the
+  // device's records or none of what this writes.
+  MutexLock records(&RecordsMu(u, d));
+  auto known = store::GetDeviceUserCursor(*storage_, u, d);
+  if (!known.ok()) return known.status();
+  if (!known->has_value()) {
+    return absl::NotFoundError(
+        "the device is neither attached nor known from an earlier session");
   }
-  std::string key;
-  absl::StatusOr<uint64_t> head;
-  if (stream.kind == StreamKind::kUser) {
-    key = keys::DeviceUserCursorKey(u, d);
-    head = heads_->UserHead(u);
-  } else {
-    key = keys::DeviceConversationCursorKey(u, d, stream.conversation);
-    head = heads_->ConversationHead(stream.conversation);
-  }
+  const bool user_stream = stream.kind == StreamKind::kUser;
+  absl::StatusOr<uint64_t> head = user_stream
+                                      ? heads_->UserHead(u)
+                                      : heads_->ConversationHead(
+                                            stream.conversation);
   if (!head.ok()) return head.status();
   if (position > *head) {
     return absl::InvalidArgumentError(
         absl::StrCat("ack position ", position, " is past the head ", *head));
   }
-  std::string value;
-  absl::Status s = storage_->Get(Space::kCursors, key, &value);
   uint64_t prev = 0;
-  if (s.ok()) {
-    PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &prev));
-  } else if (!absl::IsNotFound(s)) {
-    return s;
+  if (user_stream) {
+    prev = **known;
+  } else {
+    auto stored = store::GetDeviceConversationCursor(*storage_, u, d,
+                                                     stream.conversation);
+    if (!stored.ok()) return stored.status();
+    prev = stored->value_or(0);
   }
   if (position <= prev) return absl::OkStatus();
   // Only what Sync handed out may be acked.
-  uint64_t handed = 0;
-  s = storage_->Get(Space::kCursors,
-                    keys::DeviceSyncKey(u, d,
-                                        stream.kind == StreamKind::kUser
-                                            ? ConversationId()
-                                            : stream.conversation),
-                    &value);
-  if (s.ok()) {
-    PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &handed));
-  } else if (!absl::IsNotFound(s)) {
-    return s;
-  }
-  if (position > handed) {
+  auto handed = store::GetDeviceSync(
+      *storage_, u, d, user_stream ? ConversationId() : stream.conversation);
+  if (!handed.ok()) return handed.status();
+  if (position > *handed) {
     return absl::InvalidArgumentError(absl::StrCat(
         "ack position ", position, " was never delivered (handed out up to ",
-        std::max(handed, prev), ")"));
+        std::max(*handed, prev), ")"));
   }
-  value.clear();
-  PutFixed64BE(&value, position);
   WriteBatch batch;
-  batch.Put(Space::kCursors, key, value);
+  if (user_stream) {
+    store::PutDeviceUserCursor(&batch, u, d, position);
+  } else {
+    store::PutDeviceConversationCursor(&batch, u, d, stream.conversation,
+                                       position);
+  }
   // Receipts: the conversations (and seqs) this ack covers.
   std::map<uint64_t, uint64_t> delivered;
   if (stream.kind == StreamKind::kUser) {
@@ -216,24 +187,15 @@ absl::Status DeliveryManager::AckDetached(UserId u, DeviceId d,
 absl::StatusOr<std::vector<StreamPosition>> DeliveryManager::Positions(
     UserId u, DeviceId d) {
   std::vector<StreamPosition> out;
-  std::string value;
-  absl::Status s =
-      storage_->Get(Space::kCursors, keys::DeviceUserCursorKey(u, d), &value);
-  if (absl::IsNotFound(s)) return out;
-  PARLEY_RETURN_IF_ERROR(s);
-  uint64_t v;
-  PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &v));
-  out.push_back({StreamId::User(), v});
-  const std::string prefix = keys::DeviceConversationCursorPrefix(u, d);
-  auto it =
-      storage_->NewIterator(Space::kCursors, prefix, PrefixSuccessor(prefix));
-  for (it->Seek(prefix); it->Valid(); it->Next()) {
-    PARLEY_RETURN_IF_ERROR(DecodeU64Value(it->value(), &v));
-    out.push_back({StreamId::Conversation(ConversationId(
-                       DecodeFixed64BE(it->key().data() + prefix.size()))),
-                   v});
+  auto user = store::GetDeviceUserCursor(*storage_, u, d);
+  if (!user.ok()) return user.status();
+  if (!user->has_value()) return out;
+  out.push_back({StreamId::User(), **user});
+  auto conversations = store::ListDeviceConversationCursors(*storage_, u, d);
+  if (!conversations.ok()) return conversations.status();
+  for (const store::ConversationCursor& c : *conversations) {
+    out.push_back({StreamId::Conversation(c.conversation), c.acked});
   }
-  PARLEY_RETURN_IF_ERROR(it->status());
   return out;
 }
 
@@ -245,6 +207,9 @@ absl::StatusOr<SyncPage> DeliveryManager::Sync(UserId u, DeviceId d,
   if (!u.valid() || !d.valid()) {
     return absl::InvalidArgumentError("user and device must be nonzero");
   }
+  // What Sync writes (a new device's cursors, the hand-out records) and a
+  // ForgetDevice exclude each other.
+  MutexLock records(&RecordsMu(u, d));
   if (Find(u, d) != nullptr) {
     return absl::FailedPreconditionError(
         "the device is attached; it receives by push");
@@ -280,13 +245,9 @@ absl::StatusOr<SyncPage> DeliveryManager::Sync(UserId u, DeviceId d,
   // Remember how far each stream was handed out: the device may ack up to
   // there and no further.
   WriteBatch handed;
-  std::string v;
   auto note = [&](const Stream& s) {
     if (s.sent <= s.acked) return;
-    v.clear();
-    PutFixed64BE(&v, s.sent);
-    handed.Put(Space::kCursors,
-               keys::DeviceSyncKey(u, d, s.id.conversation), v);
+    store::PutDeviceSync(&handed, u, d, s.id.conversation, s.sent);
   };
   note(device.user_stream);
   for (const auto& [c, s] : device.conversations) note(s);

@@ -13,7 +13,6 @@
 #include "common/check.h"
 #include "common/coding.h"
 #include "delivery/delivery_internal.h"
-#include "log/keys.h"
 
 namespace parley {
 

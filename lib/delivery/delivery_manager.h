@@ -36,11 +36,12 @@
 // list by user, followers by conversation, timers and their jitter
 // generator by device. Each operation takes one shard lock at a time.
 //
-// Lock order (all of parley's locks: docs/DESIGN.md, "Locks"): Device::mu,
-// then one registry or timer shard lock (never the other way, never two
-// shard locks at once); sequencer state locks (through HeadSource) may be
-// taken under Device::mu, and the sequencer never calls delivery while
-// holding one.
+// Lock order (all of parley's locks: docs/DESIGN.md, "Locks"): a device's
+// records lock (RecordsMu: ForgetDevice, pull-mode acks, Sync), then
+// Device::mu, then one registry or timer shard lock (never the other way,
+// never two shard locks at once); sequencer state locks (through
+// HeadSource) may be taken under either of the first two, and the
+// sequencer never calls delivery while holding one.
 
 #ifndef PARLEY_LIB_DELIVERY_DELIVERY_MANAGER_H_
 #define PARLEY_LIB_DELIVERY_DELIVERY_MANAGER_H_
@@ -71,15 +72,7 @@
 
 namespace parley {
 
-// What the delivery layer needs from the sequencer: committed heads.
-class HeadSource {
- public:
-  virtual ~HeadSource() = default;
-  virtual absl::StatusOr<uint64_t> UserHead(UserId u) = 0;
-  virtual absl::StatusOr<uint64_t> ConversationHead(ConversationId c) = 0;
-};
-
-class DeliveryManager {
+class DeliveryManager final : public FeedListener {
  public:
   DeliveryManager(const Options& options, Storage* storage, Clock* clock,
                   HeadSource* heads);
@@ -92,6 +85,9 @@ class DeliveryManager {
   absl::Status Ack(UserId u, DeviceId d, StreamId stream, uint64_t position);
   absl::StatusOr<SyncPage> Sync(UserId u, DeviceId d, const SyncRequest& r);
   absl::StatusOr<std::vector<StreamPosition>> Positions(UserId u, DeviceId d);
+  // Detaches the device if attached and deletes all its records in one batch
+  // (devices.cc).
+  absl::Status ForgetDevice(UserId u, DeviceId d);
   size_t ProcessTimers();
   std::optional<Timestamp> NextTimerDue();
 
@@ -99,17 +95,17 @@ class DeliveryManager {
   // queue's order (never concurrently for one conversation or one user).
   // PublishConversation applies the record's range changes and, in read
   // fan-out, offers the entry to the conversation's followers.
-  void PublishConversation(const FeedRecord& record);
+  void PublishConversation(const FeedRecord& record) override;
   // Applies `u`'s range change (if any) and offers the entry at `pts`
   // (nonzero in write fan-out) to u's devices.
-  void PublishUser(UserId u, const FeedRecord& record, uint64_t pts);
+  void PublishUser(UserId u, const FeedRecord& record, uint64_t pts) override;
   // A record whose write failed, at its place in the conversation's queue.
   // The outcome is unknown (the batch may have reached storage): the devices
   // of the users whose ranges it would have changed re-read those ranges
   // from storage, and deliver nothing of the conversation from its seq on
   // until they did. (Its entry, if stored, is read from storage like any
   // catch-up.)
-  void PublishFailed(const FeedRecord& record);
+  void PublishFailed(const FeedRecord& record) override;
   // Whether any device of u is attached / follows c.
   bool AnyOnline(UserId u);
   bool AnyOnline(ConversationId c);
@@ -277,6 +273,10 @@ class DeliveryManager {
                             WriteBatch* batch);
 
   DevicePtr Find(UserId u, DeviceId d);
+  // The lock that orders writers of a device's records that hold no
+  // Device::mu of the registered session (ForgetDevice, AckDetached, Sync)
+  // against each other (devices.cc). Taken before any Device::mu.
+  Mutex& RecordsMu(UserId u, DeviceId d);
   std::vector<DevicePtr> DevicesOf(UserId u);
   // The followers of c, copied under its shard lock; in DeviceKey order
   // when there are at most kSortedFollowersMax of them (see
@@ -299,6 +299,8 @@ class DeliveryManager {
   static size_t UserShard(uint64_t u);
   static size_t ConversationShard(uint64_t c);
   static size_t DeviceShard(const DeviceKey& key);
+
+  std::array<Mutex, 16> records_mu_;  // by hash of (user, device)
 
   // One lock guards a shard's devices and user lists (the users that hash
   // to it) and its follower sets (the conversations that hash to it).

@@ -11,7 +11,7 @@
 #include "common/check.h"
 #include "common/coding.h"
 #include "delivery/delivery_internal.h"
-#include "log/keys.h"
+#include "store/keys.h"
 
 namespace parley {
 
@@ -52,7 +52,11 @@ absl::Status DeliveryManager::ReadUserRange(Device& d, StorageIterator* it,
   Stream& us = d.user_stream;
   const int64_t now = Micros(clock_->Now());
   for (it->Seek(keys::UserStreamKey(d.user, from)); it->Valid(); it->Next()) {
-    const uint64_t pts = keys::PtsOfUserStreamKey(it->key());
+    auto key = keys::ParseUserStreamKey(it->key());
+    if (!key.has_value() || key->user != d.user) {
+      return keys::CorruptKeyError(Space::kUserStream, it->key());
+    }
+    const uint64_t pts = key->pts;
     if (IsExpired(it->value(), now)) continue;
     ConversationId c;
     Seq seq;
@@ -85,9 +89,14 @@ absl::Status DeliveryManager::FetchConversation(Device& d, Stream& s,
   absl::Status status;
   for (it->Seek(keys::LogKey(c, Seq(from))); it->Valid(); it->Next()) {
     if (IsExpired(it->value(), now)) continue;
+    auto key = keys::ParseLogKey(it->key());
+    if (!key.has_value() || key->conversation != c) {
+      status = keys::CorruptKeyError(Space::kLog, it->key());
+      break;
+    }
     auto entry = std::make_shared<LogEntry>();
     entry->conversation = c;
-    entry->seq = keys::SeqOfLogKey(it->key());
+    entry->seq = key->seq;
     status = DecodeLogValue(it->value(), entry.get());
     if (!status.ok()) break;
     const uint64_t seq = entry->seq.value();

@@ -11,7 +11,8 @@
 #include "common/check.h"
 #include "common/coding.h"
 #include "delivery/delivery_internal.h"
-#include "log/keys.h"
+#include "store/cursor_store.h"
+#include "store/keys.h"
 
 namespace parley {
 
@@ -29,25 +30,14 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
   std::optional<uint64_t> stored_user;
   std::map<uint64_t, uint64_t> stored_conv;
   {
-    std::string value;
-    absl::Status s = storage_->Get(Space::kCursors,
-                                   keys::DeviceUserCursorKey(u, d), &value);
-    if (s.ok()) {
-      uint64_t v;
-      PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &v));
-      stored_user = v;
-    } else if (!absl::IsNotFound(s)) {
-      return s;
+    auto user = store::GetDeviceUserCursor(*storage_, u, d);
+    if (!user.ok()) return user.status();
+    stored_user = *user;
+    auto conversations = store::ListDeviceConversationCursors(*storage_, u, d);
+    if (!conversations.ok()) return conversations.status();
+    for (const store::ConversationCursor& c : *conversations) {
+      stored_conv[c.conversation.value()] = c.acked;
     }
-    const std::string prefix = keys::DeviceConversationCursorPrefix(u, d);
-    auto it = storage_->NewIterator(Space::kCursors, prefix,
-                                    PrefixSuccessor(prefix));
-    for (it->Seek(prefix); it->Valid(); it->Next()) {
-      uint64_t v;
-      PARLEY_RETURN_IF_ERROR(DecodeU64Value(it->value(), &v));
-      stored_conv[DecodeFixed64BE(it->key().data() + prefix.size())] = v;
-    }
-    PARLEY_RETURN_IF_ERROR(it->status());
   }
   std::optional<uint64_t> resume_user;
   std::map<uint64_t, uint64_t> resume_conv;
@@ -109,7 +99,11 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
     auto it = storage_->NewIterator(Space::kUserIndex, prefix,
                                     PrefixSuccessor(prefix));
     for (it->Seek(prefix); it->Valid(); it->Next()) {
-      candidates.push_back(keys::ConversationOfUserIndexKey(it->key()));
+      auto key = keys::ParseUserIndexKey(it->key());
+      if (!key.has_value() || key->user != u) {
+        return keys::CorruptKeyError(Space::kUserIndex, it->key());
+      }
+      candidates.push_back(key->conversation);
     }
     PARLEY_RETURN_IF_ERROR(it->status());
   }
@@ -186,14 +180,10 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
   // A device seen for the first time, or reset, remembers where it starts.
   if (!stored_user.has_value() || !result->reset.empty()) {
     WriteBatch batch;
-    std::string v;
-    PutFixed64BE(&v, us.acked);
-    batch.Put(Space::kCursors, keys::DeviceUserCursorKey(u, d), v);
+    store::PutDeviceUserCursor(&batch, u, d, us.acked);
     auto put_conversation = [&](uint64_t c, uint64_t position) {
-      v.clear();
-      PutFixed64BE(&v, position);
-      batch.Put(Space::kCursors,
-                keys::DeviceConversationCursorKey(u, d, ConversationId(c)), v);
+      store::PutDeviceConversationCursor(&batch, u, d, ConversationId(c),
+                                         position);
     };
     for (const auto& [c, cs] : dev->conversations) put_conversation(c, cs.acked);
     // Finished stretches too: a later attach must not replay them.

@@ -9,7 +9,7 @@
 #include "engine/engine_impl.h"
 #include "engine/open_record.h"
 #include "ids/message_id_generator.h"
-#include "log/keys.h"
+#include "store/keys.h"
 
 namespace parley {
 namespace {
@@ -73,8 +73,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Open(Options options) {
   {
     auto it = storage.NewIterator(Space::kMessageIndex, "", "");
     it->SeekForPrev(std::string(8, '\xff'));
-    if (it->Valid() && it->key().size() == 8) {
-      floor = MessageId(DecodeFixed64BE(it->key().data()));
+    if (it->Valid()) {
+      auto id = keys::ParseMessageIndexKey(it->key());
+      if (!id.has_value()) {
+        return keys::CorruptKeyError(Space::kMessageIndex, it->key());
+      }
+      floor = *id;
     }
     if (absl::Status s = it->status(); !s.ok()) return s;
   }

@@ -1,7 +1,7 @@
 // EngineImpl: construction, the calls delivery serves, retention, stats
-// and Close. The rest of the engine is split by concern: sequencing.cc (the
-// sequencer's state, reservations and commits), membership.cc, send_path.cc,
-// reads.cc (history, read state, receipts, ephemeral events).
+// and Close. The rest of the engine is split by concern: membership.cc,
+// send_path.cc, reads.cc (history, read state, receipts, ephemeral events);
+// the sequencer (state, reservations, commits) is lib/sequencer/.
 
 #include "engine/engine_impl.h"
 
@@ -14,7 +14,7 @@
 #include "engine/engine_internal.h"
 #include "fanout/fanout_policy.h"
 #include "engine/open_record.h"
-#include "log/keys.h"
+#include "store/keys.h"
 #include "log/log_codec.h"
 
 namespace parley {
@@ -26,32 +26,52 @@ std::vector<const EngineImpl*>& engine_internal::CallsOnThisThread() {
   return calls;
 }
 
+namespace {
+
+SequencerOptions SequencerOptionsOf(const Options& o,
+                                    const EngineImpl::OpenState& open) {
+  SequencerOptions s;
+  s.durability = o.durability;
+  s.default_retention = o.default_retention;
+  s.max_cached_conversations = o.max_cached_conversations;
+  s.max_cached_user_streams = o.max_cached_user_streams;
+  s.max_group_commit_sends = o.max_group_commit_sends;
+  s.node_id = o.node_id;
+  s.id_floor = open.id_floor;
+  s.id_limit_millis = open.id_limit_millis;
+  s.id_reserve_ahead = kIdReserveAhead;
+  s.generation = open.generation;
+  s.loss_generation = open.loss_generation;
+  s.logger = o.logger;
+  return s;
+}
+
+}  // namespace
+
 EngineImpl::EngineImpl(Options options, OpenState open)
     : options_(std::move(options)),
       storage_(options_.storage),
       clock_(options_.clock),
-      ids_(options_.node_id, open.id_floor),
       generation_(open.generation),
       loss_generation_(open.loss_generation),
-      boot_id_(std::move(open.boot_id)),
-      id_reservation_(storage_.get(),
-                      options_.durability == Durability::kBuffered,
-                      open.id_limit_millis, kIdReserveAhead),
-      committer_(storage_.get(), options_.durability == Durability::kSync,
-                 options_.max_group_commit_sends,
-                 // Completions run sinks and host callbacks: mark the
-                 // thread as inside this engine (Close refuses there).
-                 [this](const std::function<void()>& run) {
-                   CallsOnThisThread().push_back(this);
-                   run();
-                   CallsOnThisThread().pop_back();
-                 }),
-      cache_(options_.max_cached_conversations),
-      users_(options_.max_cached_user_streams),
+      boot_id_(open.boot_id),
       policy_(options_.fanout_policy
                   ? options_.fanout_policy
                   : NewThresholdFanoutPolicy(options_.fanout_threshold)),
-      delivery_(options_, storage_.get(), clock_.get(), this) {
+      delivery_(options_, storage_.get(), clock_.get(), &sequencer_),
+      sequencer_(
+          [&] {
+            SequencerOptions s = SequencerOptionsOf(options_, open);
+            // Completions run sinks and host callbacks: mark the thread as
+            // inside this engine (Close refuses there).
+            s.around_completions = [this](const std::function<void()>& run) {
+              CallsOnThisThread().push_back(this);
+              run();
+              CallsOnThisThread().pop_back();
+            };
+            return s;
+          }(),
+          storage_.get(), clock_.get(), &delivery_) {
   // Close() must be able to let go of the storage (so a new engine can open
   // it): keep no second reference.
   options_.storage.reset();
@@ -104,6 +124,12 @@ absl::StatusOr<std::vector<StreamPosition>> EngineImpl::Positions(
   return delivery_.Positions(user, device);
 }
 
+absl::Status EngineImpl::ForgetDevice(UserId user, DeviceId device) {
+  OpGuard guard(this);
+  PARLEY_RETURN_IF_ERROR(guard.status());
+  return delivery_.ForgetDevice(user, device);
+}
+
 size_t EngineImpl::ProcessTimers() {
   OpGuard guard(this);
   if (!guard.status().ok()) return 0;
@@ -126,16 +152,18 @@ absl::Status EngineImpl::SetRetention(ConversationId c,
   if (max_age.count() < 0 || max_age > kMaxRetention) {
     return Invalid("max_age must be in [0, 1000 years]");
   }
-  auto st = cache_.Acquire(c);
-  st->mu.Lock();
-  if (absl::Status s = LoadExistingLocked(*st); !s.ok()) {
-    st->mu.Unlock();
+  Reservation rv;
+  rv.st = sequencer_.Acquire(c);
+  ConversationState& st = *rv.st;
+  st.mu.Lock();
+  if (absl::Status s = sequencer_.LoadExistingLocked(st); !s.ok()) {
+    sequencer_.Abort(&rv);
     return s;
   }
-  st->retention_seconds = max_age.count();
-  GroupCommitter::Request r;
-  r.batch.Put(Space::kMeta, keys::ConversationMetaKey(c), MetaValueLocked(*st));
-  return Commit(*st, r, 0);
+  st.retention_seconds = max_age.count();
+  rv.batch().Put(Space::kMeta, keys::ConversationMetaKey(c),
+                 sequencer_.MetaValueLocked(st));
+  return sequencer_.Commit(&rv);
 }
 
 absl::Status EngineImpl::ReclaimExpired() {
@@ -150,9 +178,9 @@ EngineStats EngineImpl::GetStats() {
   s.sends_duplicate = sends_duplicate_.load(std::memory_order_relaxed);
   s.sends_rejected = sends_rejected_.load(std::memory_order_relaxed);
   s.sends_failed = sends_failed_.load(std::memory_order_relaxed);
-  s.storage_writes = committer_.writes();
-  s.cached_conversations = cache_.size();
-  s.conversation_loads = loads_.load(std::memory_order_relaxed);
+  s.storage_writes = sequencer_.writes();
+  s.cached_conversations = sequencer_.cached_conversations();
+  s.conversation_loads = sequencer_.loads();
   s.attached_devices = delivery_.attached();
   s.conversation_follows = delivery_.follows();
   s.deliveries = delivery_.deliveries();
@@ -187,8 +215,7 @@ absl::Status EngineImpl::Close() {
   // Every asynchronous send has completed (they count as calls): joins the
   // commit thread. Outside ops_mu_: the last completion may still be
   // leaving through it.
-  committer_.Stop();
-  id_reservation_.Detach();
+  sequencer_.Stop();
   // Buffered writes become durable with the record of a clean close (the
   // next open then knows nothing was lost); the storage itself closes when
   // its last owner lets go (the host may hand it to a new engine).

@@ -11,7 +11,7 @@
 #include "engine/engine_internal.h"
 #include "fanout/fanout_policy.h"
 #include "engine/open_record.h"
-#include "log/keys.h"
+#include "store/keys.h"
 #include "log/log_codec.h"
 
 namespace parley {
@@ -49,34 +49,33 @@ absl::Status EngineImpl::CreateConversation(
                                 options_.max_members, ") members"));
   }
 
-  auto st = cache_.Acquire(q.id);
+  Reservation rv;
+  rv.st = sequencer_.Acquire(q.id);
+  ConversationState* const st = rv.st.get();
   st->mu.Lock();
   auto fail = [&](absl::Status s) {
-    st->mu.Unlock();
+    sequencer_.Abort(&rv);
     return s;
   };
-  if (absl::Status s = LoadLocked(*st); !s.ok()) return fail(s);
+  if (absl::Status s = sequencer_.LoadLocked(*st); !s.ok()) return fail(s);
   if (st->exists) {
     return fail(absl::AlreadyExistsError(
         absl::StrCat("conversation ", q.id.value(), " already exists")));
   }
   const FanoutMode mode = policy_->Choose(q.kind, members.size());
   // Every fallible step comes before the reservation below.
-  Fanout f;
-  if (absl::Status ls = LockUsers(members, st->epoch, &f); !ls.ok()) {
+  if (absl::Status ls = sequencer_.LockUsers(members, &rv); !ls.ok()) {
     return fail(ls);
   }
   const Timestamp now = clock_->Now();
-  absl::StatusOr<MessageId> id = NextId(now);
-  if (!id.ok()) {
-    UnlockUsers(&f);
-    return fail(id.status());
-  }
+  absl::StatusOr<MessageId> id = sequencer_.NextId(now);
+  if (!id.ok()) return fail(id.status());
 
   // ---- Reserve: nothing below fails before Commit.
+  const Seq seq = sequencer_.AssignFirstSeq(&rv);
   auto entry = std::make_shared<LogEntry>();
   entry->conversation = q.id;
-  entry->seq = Seq(1);
+  entry->seq = seq;
   entry->kind = EntryKind::kCreated;
   entry->id = *id;
   entry->server_time = now;
@@ -89,44 +88,44 @@ absl::Status EngineImpl::CreateConversation(
   st->created_micros = ToMicros(now);
   st->member_count = static_cast<uint32_t>(members.size());
   st->mode = mode;
-  st->assigned_seq = 1;
   st->members.clear();
   st->members_cached = members.size() <= kMaxCachedMembers;
   if (st->members_cached) {
-    for (UserId u : members) st->members.emplace_back(u, Seq(1));
+    for (UserId u : members) st->members.emplace_back(u, seq);
   }
 
-  GroupCommitter::Request r;
-  ReserveSeqLocked(*st, 1, &r);
-  const uint64_t expiry = RetentionExpiryLocked(*st, now);
+  const uint64_t expiry = sequencer_.RetentionExpiryLocked(*st, now);
   if (mode == FanoutMode::kWrite) {
-    FanOutOnWrite(members, q.id, Seq(1), expiry, &f, &r);
+    sequencer_.FanOutOnWrite(members, q.id, seq, expiry, &rv);
   } else {
     // A new conversation has no ranges yet: no read needed.
-    for (UserId u : members) f.ranges.emplace_back(u, std::vector<ReadRangeValue>());
+    for (UserId u : members) {
+      rv.ranges.emplace_back(u, std::vector<ReadRangeValue>());
+    }
     size_t at = 0;
-    ApplyRangeChanges(q.id, Seq(1), &f, &r.batch,
-                      [&](UserId, std::vector<ReadRangeValue>& ranges) {
-                        ranges.push_back({1, 0, f.locked[at++]->assigned_pts});
-                      });
+    sequencer_.ApplyRangeChanges(
+        q.id, seq, &rv, [&](UserId, std::vector<ReadRangeValue>& ranges) {
+          ranges.push_back({1, 0, rv.locked[at++]->assigned_pts});
+        });
   }
   std::string value;
   EncodeLogValue(*entry, expiry, &value);
-  r.batch.Put(Space::kLog, keys::LogKey(q.id, Seq(1)), value);
+  WriteBatch& batch = rv.batch();
+  batch.Put(Space::kLog, keys::LogKey(q.id, seq), value);
   value.clear();
   EncodeIndexValue(q.id, Seq(1), expiry, &value);
-  r.batch.Put(Space::kMessageIndex, keys::MessageIndexKey(entry->id), value);
-  const std::string member_value = EncodeMemberValue({{Seq(1), Seq()}});
+  batch.Put(Space::kMessageIndex, keys::MessageIndexKey(entry->id), value);
+  const std::string member_value = EncodeMemberValue({{seq, Seq()}});
   for (UserId u : members) {
-    r.batch.Put(Space::kMembers, keys::MemberKey(q.id, u), member_value);
+    batch.Put(Space::kMembers, keys::MemberKey(q.id, u), member_value);
   }
-  r.batch.Put(Space::kMeta, keys::ConversationMetaKey(q.id),
-              MetaValueLocked(*st));
+  batch.Put(Space::kMeta, keys::ConversationMetaKey(q.id),
+              sequencer_.MetaValueLocked(*st));
   std::string head;
-  PutFixed64BE(&head, 1);
-  r.batch.Put(Space::kMeta, keys::HeadKey(q.id), head);
-  f.record = MakeRecord(std::move(entry), mode, expiry, &f);
-  return Commit(*st, r, 1, &f);
+  PutFixed64BE(&head, seq.value());
+  batch.Put(Space::kMeta, keys::HeadKey(q.id), head);
+  sequencer_.SetRecord(&rv, std::move(entry), mode, expiry);
+  return sequencer_.Commit(&rv);
 }
 
 absl::StatusOr<Seq> EngineImpl::AddMember(ConversationId c, UserId actor,
@@ -146,23 +145,25 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
   if (!c.valid() || !user.valid()) {
     return Invalid("conversation and user must be nonzero");
   }
-  auto st = cache_.Acquire(c);
+  Reservation rv;
+  rv.st = sequencer_.Acquire(c);
+  ConversationState* const st = rv.st.get();
   st->mu.Lock();
   auto fail = [&](absl::Status s) {
-    st->mu.Unlock();
+    sequencer_.Abort(&rv);
     return s;
   };
-  if (absl::Status s = LoadExistingLocked(*st); !s.ok()) return fail(s);
+  if (absl::Status s = sequencer_.LoadExistingLocked(*st); !s.ok()) return fail(s);
   if (st->kind == ConversationKind::kDirect) {
     return fail(absl::FailedPreconditionError(
         "membership of a direct conversation is fixed"));
   }
   // Membership records and read ranges are read back from storage below:
   // let every write of this conversation still in flight land first.
-  if (absl::Status s = AwaitQuiescentLocked(*st); !s.ok()) return fail(s);
+  if (absl::Status s = sequencer_.AwaitQuiescentLocked(*st); !s.ok()) return fail(s);
 
   // ---- Read: every fallible step comes before the reservation.
-  auto intervals = ReadIntervals(c, user);
+  auto intervals = sequencer_.ReadIntervals(c, user);
   if (!intervals.ok()) return fail(intervals.status());
   const bool is_member =
       !intervals->empty() && !intervals->back().left.valid();
@@ -178,7 +179,7 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
     return fail(Invalid(absl::StrCat("more than max_members (",
                                      options_.max_members, ") members")));
   }
-  auto members_before = MembersLocked(*st);
+  auto members_before = sequencer_.MembersLocked(*st);
   if (!members_before.ok()) return fail(members_before.status());
 
   const uint32_t member_count = add ? st->member_count + 1 : st->member_count - 1;
@@ -197,25 +198,21 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
   } else if (mode == FanoutMode::kRead) {
     ranged = {user};
   }
-  Fanout f;
-  if (absl::Status ls = LockUsers(mode == FanoutMode::kWrite ? everyone : ranged,
-                                  st->epoch, &f);
+  if (absl::Status ls = sequencer_.LockUsers(
+          mode == FanoutMode::kWrite ? everyone : ranged, &rv);
       !ls.ok()) {
     return fail(ls);
   }
-  if (absl::Status rs = ReadRangesForChange(ranged, c, &f); !rs.ok()) {
-    UnlockUsers(&f);
+  if (absl::Status rs = sequencer_.ReadRangesForChange(ranged, c, &rv);
+      !rs.ok()) {
     return fail(rs);
   }
   const Timestamp now = clock_->Now();
-  absl::StatusOr<MessageId> id = NextId(now);
-  if (!id.ok()) {
-    UnlockUsers(&f);
-    return fail(id.status());
-  }
+  absl::StatusOr<MessageId> id = sequencer_.NextId(now);
+  if (!id.ok()) return fail(id.status());
 
   // ---- Reserve: nothing below fails before Commit.
-  const Seq seq(++st->assigned_seq);
+  const Seq seq = sequencer_.AssignSeq(&rv);
   auto entry = std::make_shared<LogEntry>();
   entry->conversation = c;
   entry->seq = seq;
@@ -247,26 +244,24 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
   }
   st->mode = mode;
 
-  GroupCommitter::Request r;
-  ReserveSeqLocked(*st, seq.value(), &r);
-  const uint64_t expiry = RetentionExpiryLocked(*st, now);
+  const uint64_t expiry = sequencer_.RetentionExpiryLocked(*st, now);
   if (mode == FanoutMode::kWrite) {
-    FanOutOnWrite(everyone, c, seq, expiry, &f, &r);
+    sequencer_.FanOutOnWrite(everyone, c, seq, expiry, &rv);
   }
   // Gates: the user-stream position each ranged user is at before this entry
-  // (f.locked holds exactly the ranged users, sorted, in read mode; all of
+  // (rv.locked holds exactly the ranged users, sorted, in read mode; all of
   // everyone in write mode).
   auto gate_of = [&](UserId u) {
     auto it = std::lower_bound(
-        f.locked.begin(), f.locked.end(), u,
+        rv.locked.begin(), rv.locked.end(), u,
         [](const std::shared_ptr<UserStreamState>& s, UserId x) {
           return s->id < x;
         });
-    PARLEY_CHECK(it != f.locked.end() && (*it)->id == u);
+    PARLEY_CHECK(it != rv.locked.end() && (*it)->id == u);
     return (*it)->assigned_pts;
   };
-  ApplyRangeChanges(
-      c, seq, &f, &r.batch, [&](UserId u, std::vector<ReadRangeValue>& ranges) {
+  sequencer_.ApplyRangeChanges(
+      c, seq, &rv, [&](UserId u, std::vector<ReadRangeValue>& ranges) {
         if (old_mode == FanoutMode::kWrite && mode == FanoutMode::kRead) {
           // Switch to read fan-out at this seq; a removed user still gets
           // its removal entry.
@@ -290,20 +285,21 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
 
   std::string value;
   EncodeLogValue(*entry, expiry, &value);
-  r.batch.Put(Space::kLog, keys::LogKey(c, seq), value);
+  WriteBatch& batch = rv.batch();
+  batch.Put(Space::kLog, keys::LogKey(c, seq), value);
   value.clear();
   EncodeIndexValue(c, seq, expiry, &value);
-  r.batch.Put(Space::kMessageIndex, keys::MessageIndexKey(entry->id), value);
-  r.batch.Put(Space::kMembers, keys::MemberKey(c, user),
+  batch.Put(Space::kMessageIndex, keys::MessageIndexKey(entry->id), value);
+  batch.Put(Space::kMembers, keys::MemberKey(c, user),
               EncodeMemberValue(*intervals));
-  r.batch.Put(Space::kMeta, keys::ConversationMetaKey(c),
-              MetaValueLocked(*st));
+  batch.Put(Space::kMeta, keys::ConversationMetaKey(c),
+              sequencer_.MetaValueLocked(*st));
   std::string head;
   PutFixed64BE(&head, seq.value());
-  r.batch.Put(Space::kMeta, keys::HeadKey(c), head);
+  batch.Put(Space::kMeta, keys::HeadKey(c), head);
   ++st->membership_in_flight;
-  f.record = MakeRecord(std::move(entry), mode, expiry, &f);
-  absl::Status cs = Commit(*st, r, seq.value(), &f);
+  sequencer_.SetRecord(&rv, std::move(entry), mode, expiry);
+  absl::Status cs = sequencer_.Commit(&rv);
   {
     MutexLock lock(&st->mu);
     --st->membership_in_flight;
@@ -315,10 +311,10 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
 absl::StatusOr<std::vector<Member>> EngineImpl::ListMembers(ConversationId c) {
   OpGuard guard(this);
   PARLEY_RETURN_IF_ERROR(guard.status());
-  auto st = cache_.Acquire(c);
+  auto st = sequencer_.Acquire(c);
   {
     MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+    PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
     if (st->members_cached) {
       std::vector<Member> out;
       out.reserve(st->members.size());
@@ -332,9 +328,13 @@ absl::StatusOr<std::vector<Member>> EngineImpl::ListMembers(ConversationId c) {
       storage_->NewIterator(Space::kMembers, prefix, PrefixSuccessor(prefix));
   std::vector<MembershipInterval> intervals;
   for (it->Seek(prefix); it->Valid(); it->Next()) {
+    auto key = keys::ParseMemberKey(it->key());
+    if (!key.has_value() || key->conversation != c) {
+      return keys::CorruptKeyError(Space::kMembers, it->key());
+    }
     PARLEY_RETURN_IF_ERROR(DecodeMemberValue(it->value(), &intervals));
     if (!intervals.empty() && !intervals.back().left.valid()) {
-      out.push_back({keys::UserOfMemberKey(it->key()), intervals.back().joined});
+      out.push_back({key->user, intervals.back().joined});
     }
   }
   PARLEY_RETURN_IF_ERROR(it->status());
@@ -345,12 +345,12 @@ absl::StatusOr<std::vector<MembershipInterval>> EngineImpl::Membership(
     ConversationId c, UserId user) {
   OpGuard guard(this);
   PARLEY_RETURN_IF_ERROR(guard.status());
-  auto st = cache_.Acquire(c);
+  auto st = sequencer_.Acquire(c);
   {
     MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+    PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
   }
-  return ReadIntervals(c, user);
+  return sequencer_.ReadIntervals(c, user);
 }
 
 }  // namespace parley

@@ -12,7 +12,8 @@
 #include "engine/engine_internal.h"
 #include "fanout/fanout_policy.h"
 #include "engine/open_record.h"
-#include "log/keys.h"
+#include "store/cursor_store.h"
+#include "store/keys.h"
 #include "log/log_codec.h"
 
 namespace parley {
@@ -36,12 +37,12 @@ absl::StatusOr<HistoryPage> EngineImpl::ReadHistory(const HistoryRequest& q) {
   }
   uint64_t head = 0;
   {
-    auto st = cache_.Acquire(q.conversation);
+    auto st = sequencer_.Acquire(q.conversation);
     MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+    PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
     head = st->committed_seq;
   }
-  auto intervals = ReadIntervals(q.conversation, q.reader);
+  auto intervals = sequencer_.ReadIntervals(q.conversation, q.reader);
   if (!intervals.ok()) return intervals.status();
   if (intervals->empty()) {
     return NotMemberError(q.reader, q.conversation);
@@ -75,7 +76,11 @@ absl::StatusOr<HistoryPage> EngineImpl::ReadHistory(const HistoryRequest& q) {
   }
   page.entries.reserve(std::min<size_t>(limit, hi - lo + 1));
   for (; it->Valid(); forward ? it->Next() : it->Prev()) {
-    const uint64_t seq = keys::SeqOfLogKey(it->key()).value();
+    auto key = keys::ParseLogKey(it->key());
+    if (!key.has_value() || key->conversation != q.conversation) {
+      return keys::CorruptKeyError(Space::kLog, it->key());
+    }
+    const uint64_t seq = key->seq.value();
     if (!Visible(*intervals, seq) || IsExpired(it->value(), now)) continue;
     if (page.entries.size() == limit) {
       page.next = Seq(seq);  // the first entry of the next page
@@ -104,7 +109,7 @@ absl::StatusOr<LogEntry> EngineImpl::GetMessage(UserId reader, MessageId id) {
   PARLEY_RETURN_IF_ERROR(s);
   LogEntry e;
   PARLEY_RETURN_IF_ERROR(DecodeIndexValue(value, &e.conversation, &e.seq));
-  auto intervals = ReadIntervals(e.conversation, reader);
+  auto intervals = sequencer_.ReadIntervals(e.conversation, reader);
   if (!intervals.ok()) return intervals.status();
   if (!Visible(*intervals, e.seq.value())) {
     return absl::PermissionDeniedError(absl::StrCat(
@@ -125,12 +130,12 @@ absl::StatusOr<Seq> EngineImpl::HeadSeq(UserId reader, ConversationId c) {
   PARLEY_RETURN_IF_ERROR(guard.status());
   uint64_t head;
   {
-    auto st = cache_.Acquire(c);
+    auto st = sequencer_.Acquire(c);
     MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+    PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
     head = st->committed_seq;
   }
-  auto intervals = ReadIntervals(c, reader);
+  auto intervals = sequencer_.ReadIntervals(c, reader);
   if (!intervals.ok()) return intervals.status();
   if (intervals->empty()) {
     return NotMemberError(reader, c);
@@ -143,14 +148,16 @@ absl::Status EngineImpl::MarkRead(UserId user, DeviceId device,
   OpGuard guard(this);
   PARLEY_RETURN_IF_ERROR(guard.status());
   if (!up_to.valid()) return Invalid("up_to must be nonzero");
-  auto st = cache_.Acquire(c);
+  Reservation rv;
+  rv.st = sequencer_.Acquire(c);
+  ConversationState* const st = rv.st.get();
   st->mu.Lock();
   auto fail = [&](absl::Status s) {
-    st->mu.Unlock();
+    sequencer_.Abort(&rv);
     return s;
   };
-  if (absl::Status s = LoadExistingLocked(*st); !s.ok()) return fail(s);
-  auto join = CurrentJoinLocked(*st, user);
+  if (absl::Status s = sequencer_.LoadExistingLocked(*st); !s.ok()) return fail(s);
+  auto join = sequencer_.CurrentJoinLocked(*st, user);
   if (!join.ok()) return fail(join.status());
   if (!join->has_value()) {
     return fail(NotMemberError(user, c));
@@ -166,29 +173,26 @@ absl::Status EngineImpl::MarkRead(UserId user, DeviceId device,
     if (up_to.value() <= *stored) {
       return fail(absl::OkStatus());  // monotonic: nothing to do
     }
-    if (up_to.value() > PendingReadLocked(*st, user)) break;
+    if (up_to.value() > sequencer_.PendingReadLocked(*st, user)) break;
     // A position at or above this one is being written. It may still fail,
     // so this call is not done before it landed: wait for it, then look
     // again (a lower value written behind it would move the position back).
     const uint64_t epoch = st->epoch;
     st->mu.Await([&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      return PendingReadLocked(*st, user) < up_to.value() ||
-             committer_.epoch() != epoch;
+      return sequencer_.PendingReadLocked(*st, user) < up_to.value() ||
+             sequencer_.epoch() != epoch;
     });
-    if (absl::Status s = LoadExistingLocked(*st); !s.ok()) return fail(s);
+    if (absl::Status s = sequencer_.LoadExistingLocked(*st); !s.ok()) return fail(s);
   }
   std::vector<UserId> receipt_to;
   if (st->mode == FanoutMode::kWrite) {
-    auto members = MembersLocked(*st);
+    auto members = sequencer_.MembersLocked(*st);
     if (!members.ok()) return fail(members.status());
     receipt_to = std::move(*members);
   }
-  GroupCommitter::Request r;
-  std::string value;
-  PutFixed64BE(&value, up_to.value());
-  r.batch.Put(Space::kCursors, keys::ReadPositionKey(user, c), value);
-  PARLEY_RETURN_IF_ERROR(
-      Commit(*st, r, 0, nullptr, std::make_pair(user, up_to.value())));
+  store::PutReadPosition(&rv.batch(), user, c, up_to.value());
+  rv.pending_read = std::make_pair(user, up_to.value());
+  PARLEY_RETURN_IF_ERROR(sequencer_.Commit(&rv));
 
   Event e;
   e.kind = EventKind::kReadPosition;
@@ -213,18 +217,18 @@ absl::StatusOr<ReadState> EngineImpl::GetReadState(UserId user,
   uint64_t head;
   std::optional<Seq> join;
   {
-    auto st = cache_.Acquire(c);
+    auto st = sequencer_.Acquire(c);
     MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+    PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
     head = st->committed_seq;
-    auto j = CurrentJoinLocked(*st, user);
+    auto j = sequencer_.CurrentJoinLocked(*st, user);
     if (!j.ok()) return j.status();
     join = *j;
   }
   auto stored = StoredRead(user, c);
   if (!stored.ok()) return stored.status();
   if (!join.has_value()) {
-    auto intervals = ReadIntervals(c, user);
+    auto intervals = sequencer_.ReadIntervals(c, user);
     if (!intervals.ok()) return intervals.status();
     if (intervals->empty()) {
       return NotMemberError(user, c);
@@ -247,9 +251,9 @@ absl::StatusOr<std::vector<DeviceReceipt>> EngineImpl::GetReceipts(
   PARLEY_RETURN_IF_ERROR(guard.status());
   std::vector<UserId> members;
   {
-    auto st = cache_.Acquire(c);
+    auto st = sequencer_.Acquire(c);
     MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+    PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
     if (st->mode != FanoutMode::kWrite) {
       return absl::FailedPreconditionError(
           "receipts are tracked per device only in fan-out-on-write "
@@ -258,11 +262,11 @@ absl::StatusOr<std::vector<DeviceReceipt>> EngineImpl::GetReceipts(
     if (!seq.valid() || seq.value() > st->committed_seq) {
       return absl::NotFoundError(absl::StrCat("no seq ", seq.value()));
     }
-    auto m = MembersLocked(*st);
+    auto m = sequencer_.MembersLocked(*st);
     if (!m.ok()) return m.status();
     members = std::move(*m);
   }
-  auto intervals = ReadIntervals(c, reader);
+  auto intervals = sequencer_.ReadIntervals(c, reader);
   if (!intervals.ok()) return intervals.status();
   if (!Visible(*intervals, seq.value())) {
     return absl::PermissionDeniedError(absl::StrCat(
@@ -281,23 +285,19 @@ absl::StatusOr<std::vector<DeviceReceipt>> EngineImpl::GetReceipts(
   for (UserId m : members) {
     auto read = StoredRead(m, c);
     if (!read.ok()) return read.status();
-    const std::string prefix = keys::DeliveredPrefix(m, c);
-    auto it =
-        storage_->NewIterator(Space::kCursors, prefix, PrefixSuccessor(prefix));
+    auto delivered = store::ListDelivered(*storage_, m, c);
+    if (!delivered.ok()) return delivered.status();
     bool sender_listed = false;
-    for (it->Seek(prefix); it->Valid(); it->Next()) {
-      uint64_t delivered;
-      PARLEY_RETURN_IF_ERROR(DecodeU64Value(it->value(), &delivered));
+    for (const store::DeliveredRecord& d : *delivered) {
       DeviceReceipt rc;
       rc.user = m;
-      rc.device = DeviceId(DecodeFixed64BE(it->key().data() + prefix.size()));
+      rc.device = d.device;
       const bool own = m == entry.sender && rc.device == entry.device;
       sender_listed = sender_listed || own;
-      rc.delivered = own || delivered >= seq.value();
+      rc.delivered = own || d.seq >= seq.value();
       rc.read = *read >= seq.value();
       out.push_back(rc);
     }
-    PARLEY_RETURN_IF_ERROR(it->status());
     if (m == entry.sender && entry.device.valid() && !sender_listed) {
       out.push_back({m, entry.device, true, *read >= seq.value()});
     }
@@ -320,17 +320,17 @@ absl::Status EngineImpl::SendEphemeral(UserId user, DeviceId device,
   std::vector<UserId> members;
   FanoutMode mode;
   {
-    auto st = cache_.Acquire(c);
+    auto st = sequencer_.Acquire(c);
     MutexLock lock(&st->mu);
-    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
-    auto join = CurrentJoinLocked(*st, user);
+    PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
+    auto join = sequencer_.CurrentJoinLocked(*st, user);
     if (!join.ok()) return join.status();
     if (!join->has_value()) {
       return NotMemberError(user, c);
     }
     mode = st->mode;
     if (mode == FanoutMode::kWrite) {
-      auto m = MembersLocked(*st);
+      auto m = sequencer_.MembersLocked(*st);
       if (!m.ok()) return m.status();
       members = std::move(*m);
     }
@@ -352,10 +352,14 @@ absl::Status EngineImpl::SendEphemeral(UserId user, DeviceId device,
 absl::StatusOr<FanoutMode> EngineImpl::GetFanoutMode(ConversationId c) {
   OpGuard guard(this);
   PARLEY_RETURN_IF_ERROR(guard.status());
-  auto st = cache_.Acquire(c);
+  auto st = sequencer_.Acquire(c);
   MutexLock lock(&st->mu);
-  PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+  PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
   return st->mode;
+}
+
+absl::StatusOr<uint64_t> EngineImpl::StoredRead(UserId u, ConversationId c) {
+  return store::GetReadPosition(*storage_, u, c);
 }
 
 }  // namespace parley

@@ -12,7 +12,8 @@
 #include "engine/engine_internal.h"
 #include "fanout/fanout_policy.h"
 #include "engine/open_record.h"
-#include "log/keys.h"
+#include "store/cursor_store.h"
+#include "store/keys.h"
 #include "log/log_codec.h"
 
 namespace parley {
@@ -85,9 +86,7 @@ absl::StatusOr<SendResult> EngineImpl::Send(const SendRequest& request) {
           ReserveSend(request, hash, dedup_key, &rv)) {
     result = std::move(*answer);
   } else {
-    absl::Status s =
-        Commit(*rv.st, *rv.request, rv.result.seq.value(), &rv.f,
-               std::make_pair(request.sender, rv.result.seq.value()));
+    absl::Status s = sequencer_.Commit(&rv.rv);
     if (s.ok()) {
       result = rv.result;
     } else {
@@ -186,10 +185,8 @@ void EngineImpl::StartSend(const SendRequest& q, uint64_t hash,
     std::move(done)(std::move(*answer));
     return;
   }
-  const uint64_t seq = rv.result.seq.value();
-  CommitAsync(std::move(rv.st), std::move(rv.request), seq, std::move(rv.f),
-              std::make_pair(q.sender, seq),
-              [this, result = rv.result, dedup_key = std::move(dedup_key),
+  sequencer_.CommitAsync(
+      std::move(rv.rv), [this, result = rv.result, dedup_key = std::move(dedup_key),
                op = std::move(op),
                done = std::move(done)](absl::Status s) mutable {
                 absl::StatusOr<SendResult> out =
@@ -222,23 +219,24 @@ std::optional<absl::StatusOr<SendResult>> EngineImpl::ReserveSend(
 
   // 2. Membership, then the host's authorization hook outside every engine
   // lock (hooks.h: the authorizer runs after the membership check).
-  out->st = cache_.Acquire(q.conversation);
-  ConversationState* const st = out->st.get();
+  Reservation& rv = out->rv;
+  rv.st = sequencer_.Acquire(q.conversation);
+  ConversationState* const st = rv.st.get();
   st->mu.Lock();
   auto fail = [&](absl::Status s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-    st->mu.Unlock();
+    sequencer_.Abort(&rv);
     return absl::StatusOr<SendResult>(std::move(s));
   };
   auto check_member = [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::Status {
-    PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+    PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
     if (!st->members_cached) {
       // Membership is read from storage: let a change in flight land.
       st->mu.Await([&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
         return st->membership_in_flight == 0;
       });
-      PARLEY_RETURN_IF_ERROR(LoadExistingLocked(*st));
+      PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
     }
-    auto join = CurrentJoinLocked(*st, q.sender);
+    auto join = sequencer_.CurrentJoinLocked(*st, q.sender);
     if (!join.ok()) return join.status();
     if (!join->has_value()) return NotMemberError(q.sender, q.conversation);
     return absl::OkStatus();
@@ -256,57 +254,50 @@ std::optional<absl::StatusOr<SendResult>> EngineImpl::ReserveSend(
 
   // 3. Seq, id and pts under the locks; the write is queued in seq order and
   // awaited outside them (group commit). Fallible steps first.
-  Fanout& f = out->f;
   const FanoutMode mode = st->mode;
   if (mode == FanoutMode::kWrite) {
-    auto members = MembersLocked(*st);
+    auto members = sequencer_.MembersLocked(*st);
     if (!members.ok()) return fail(members.status());
-    if (absl::Status ls = LockUsers(*members, st->epoch, &f); !ls.ok()) {
+    if (absl::Status ls = sequencer_.LockUsers(*members, &rv); !ls.ok()) {
       return fail(ls);
     }
   }
   const Timestamp now = clock_->Now();
-  absl::StatusOr<MessageId> id = NextId(now);
-  if (!id.ok()) {
-    UnlockUsers(&f);
-    return fail(id.status());
-  }
+  absl::StatusOr<MessageId> id = sequencer_.NextId(now);
+  if (!id.ok()) return fail(id.status());
 
   // ---- Reserve: nothing below fails before Commit.
   SendResult& result = out->result;
   result.server_time = now;
   result.id = *id;
-  result.seq = Seq(++st->assigned_seq);
-
-  out->request = std::make_unique<GroupCommitter::Request>();
-  GroupCommitter::Request& r = *out->request;
-  ReserveSeqLocked(*st, result.seq.value(), &r);
-  const uint64_t expiry = RetentionExpiryLocked(*st, now);
+  result.seq = sequencer_.AssignSeq(&rv);
+  rv.pending_read = std::make_pair(q.sender, result.seq.value());
+  WriteBatch& batch = rv.batch();
+  const uint64_t expiry = sequencer_.RetentionExpiryLocked(*st, now);
   std::string value;
   value.reserve(q.payload.size() + 64);
   EncodeMessageValue(q, result.id, now, expiry, &value);
-  r.batch.Put(Space::kLog, keys::LogKey(q.conversation, result.seq), value);
+  batch.Put(Space::kLog, keys::LogKey(q.conversation, result.seq), value);
   value.clear();
   EncodeIndexValue(q.conversation, result.seq, expiry, &value);
-  r.batch.Put(Space::kMessageIndex, keys::MessageIndexKey(result.id), value);
+  batch.Put(Space::kMessageIndex, keys::MessageIndexKey(result.id), value);
   value.clear();
   EncodeDedupValue({q.conversation, result.seq, result.id, now, hash},
                    static_cast<uint64_t>(ToMicros(now) +
                                          options_.dedup_horizon.count() *
                                              1000000),
                    &value);
-  r.batch.Put(Space::kDedup, dkey, value);
+  batch.Put(Space::kDedup, dkey, value);
   value.clear();
   PutFixed64BE(&value, result.seq.value());
-  r.batch.Put(Space::kMeta, keys::HeadKey(q.conversation), value);
+  batch.Put(Space::kMeta, keys::HeadKey(q.conversation), value);
   // The sender has read everything up to its own message.
-  r.batch.Put(Space::kCursors, keys::ReadPositionKey(q.sender, q.conversation),
-              value);
+  store::PutReadPosition(&batch, q.sender, q.conversation, result.seq.value());
   if (mode == FanoutMode::kWrite) {
     std::vector<UserId> targets;
-    targets.reserve(f.locked.size());
-    for (const auto& u : f.locked) targets.push_back(u->id);
-    FanOutOnWrite(targets, q.conversation, result.seq, expiry, &f, &r);
+    targets.reserve(rv.locked.size());
+    for (const auto& u : rv.locked) targets.push_back(u->id);
+    sequencer_.FanOutOnWrite(targets, q.conversation, result.seq, expiry, &rv);
   }
   auto entry = std::make_shared<LogEntry>();
   entry->conversation = q.conversation;
@@ -320,7 +311,7 @@ std::optional<absl::StatusOr<SendResult>> EngineImpl::ReserveSend(
                                   q.client_message_id.size());
   entry->payload.assign(q.payload.data(), q.payload.size());
   entry->metadata = q.metadata;
-  f.record = MakeRecord(std::move(entry), mode, expiry, &f);
+  sequencer_.SetRecord(&rv, std::move(entry), mode, expiry);
   return std::nullopt;  // reserved: out->st->mu and the users stay locked
 }
 

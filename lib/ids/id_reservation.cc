@@ -4,7 +4,7 @@
 #include <string>
 
 #include "common/coding.h"
-#include "log/keys.h"
+#include "store/keys.h"
 
 namespace parley {
 

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "common/mutex.h"
+#include "absl/status/statusor.h"
 #include "log/log_codec.h"
 #include "parley/delivery.h"
 #include "parley/types.h"
@@ -108,6 +109,33 @@ class FeedQueue {
   Mutex mu_;
   std::deque<Item> items_ ABSL_GUARDED_BY(mu_);
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+// Where the sequencer publishes the feed (the delivery layer). Each call is
+// made once per queue a record is in, in that queue's order, never
+// concurrently for one conversation or one user, with no sequencer lock
+// held.
+class FeedListener {
+ public:
+  virtual ~FeedListener() = default;
+  // A committed record of its conversation's queue (seq order).
+  virtual void PublishConversation(const FeedRecord& record) = 0;
+  // A record of the conversation's queue whose write failed: its outcome
+  // is unknown (the batch may have reached storage).
+  virtual void PublishFailed(const FeedRecord& record) = 0;
+  // A committed record of `user`'s queue (pts order): a position `pts` in
+  // the user's update stream (0 = none) or a change of the user's ranges.
+  virtual void PublishUser(UserId user, const FeedRecord& record,
+                           uint64_t pts) = 0;
+};
+
+// What the delivery layer reads from the sequencer: committed heads (what
+// a device registering now either finds in them or receives from the feed).
+class HeadSource {
+ public:
+  virtual ~HeadSource() = default;
+  virtual absl::StatusOr<uint64_t> UserHead(UserId u) = 0;
+  virtual absl::StatusOr<uint64_t> ConversationHead(ConversationId c) = 0;
 };
 
 }  // namespace parley

@@ -168,10 +168,6 @@ Plan MakePlan(const Flags& f, uint64_t seed, int cycle) {
   return p;
 }
 
-const char* Name(Durability d) {
-  return d == Durability::kSync ? "sync" : "buffered";
-}
-
 struct ChildOutcome {
   bool killed_by_us = false;
   bool kill_point = false;
@@ -208,7 +204,7 @@ ChildOutcome RunChild(const Flags& f, const std::string& dir, const Plan& plan,
   std::vector<std::string> args = {
       f.child,
       "--dir=" + dir + "/db",
-      std::string("--durability=") + Name(plan.durability),
+      std::string("--durability=") + std::string(Name(plan.durability)),
       "--generation=" + std::to_string(cycle),
       "--seed=" + std::to_string(child_seed),
       "--senders=" + std::to_string(f.senders),
@@ -459,7 +455,7 @@ int Main(int argc, char** argv) {
       std::printf(
           "cycle %d %s run=%dms%s%s ready=%.0fms: %zu sends, %zu acks, %zu "
           "members, %zu deliveries, %zu errors; entries %llu\n",
-          cycle, Name(plan.durability), plan.run_ms, plan.early ? " early" : "",
+          cycle, std::string(Name(plan.durability)).c_str(), plan.run_ms, plan.early ? " early" : "",
           plan.kill_point.empty() ? "" : (" kp=" + plan.kill_point).c_str(),
           child.ready_ms, report.sends.size(), report.acks.size(),
           report.members.size(), report.deliveries.size(), report.errors.size(),

@@ -28,6 +28,11 @@
 //  - a rejected or failed call changes nothing (checked right after it and
 //    by every later call), and after a restart or power loss (kSync; or
 //    after Close in kBuffered) everything acknowledged is still there.
+// Not modelled: the recovery after a kBuffered power loss of a running
+// engine (kLost entries, no seq or pts reused). The harness closes the
+// engine after dropping the unsynced writes, so the next open sees a clean
+// close and the model forgets the lost suffix; that recovery is tested by
+// tests/engine/power_loss_test.cc and tests/storage/rocksdb_fault_test.cc.
 // A mismatch prints what differed and traps. Set PARLEY_FUZZ_TRACE=1 when
 // running one input to print every operation and its result.
 //

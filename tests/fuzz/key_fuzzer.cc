@@ -1,25 +1,23 @@
-// Fuzz target: the key layout of lib/log/keys.h and the byte-level decoders
-// of lib/common/coding.h that parse stored keys and values.
-//
-// lib/log/keys.h has no validating key decoder: its accessors
-// (SeqOfLogKey, UserOfMemberKey, PtsOfUserStreamKey,
-// ConversationOfUserIndexKey) REQUIRE a well-formed key and read 8 bytes at
-// offset 8 unchecked, so they cannot take arbitrary bytes. This target
-// therefore checks three things:
+// Fuzz target: the key layout of lib/store/keys.h, its validating parsers,
+// and the byte-level decoders of lib/common/coding.h that parse stored keys
+// and values. The target has a reference parser of its own (written from the
+// layout comment, independently of the store's) that the store's parsers
+// must agree with byte for byte:
 //   mode 0  the validating primitives (GetFixed64BE, GetVarint32,
 //           GetLengthPrefixed, PrefixSuccessor, ExpiryOf/IsExpired) on
 //           arbitrary bytes: never read out of bounds, consume what they
 //           say, re-encode to what they read;
 //   mode 1  the layout itself, for fuzzed ids: every key builder's output
-//           parses back (with the reference parser below) to its own kind
-//           and ids, so no two kinds or id tuples share a key in one space;
-//           the unchecked accessors return the id that was put in; byte
-//           order is numeric (tuple) order; a scan prefix matches exactly
-//           the keys of its own family and ids, and [prefix,
-//           PrefixSuccessor(prefix)) is exactly the keys starting with it;
-//   mode 2  the reference parser on arbitrary bytes: it never reads out of
-//           bounds, and whatever it accepts the builders rebuild byte for
-//           byte. It is the validating form the typed store layer can adopt.
+//           parses back (with the reference parser and with the store's
+//           Parse*Key) to its own kind and ids, so no two kinds or id tuples
+//           share a key in one space; a kind-checking cursor parser accepts
+//           only its own kind; byte order is numeric (tuple) order; a scan
+//           prefix matches exactly the keys of its own family and ids, and
+//           [prefix, PrefixSuccessor(prefix)) is exactly the keys starting
+//           with it;
+//   mode 2  both parsers on arbitrary bytes: they never read out of bounds,
+//           they accept exactly the same keys with the same ids, and
+//           whatever they accept the builders rebuild byte for byte.
 
 #include <cstddef>
 #include <cstdint>
@@ -31,7 +29,7 @@
 
 #include "common/coding.h"
 #include "fuzz_support.h"
-#include "log/keys.h"
+#include "store/keys.h"
 #include "parley/storage.h"
 
 namespace parley::fuzz {
@@ -43,7 +41,8 @@ namespace {
 // ---- The reference parser: a validating decoder per space. ------------
 
 enum class Kind {
-  kConversationMeta, kHead, kPtsLimit,           // kMeta
+  kConversationMeta, kHead, kPtsLimit, kSeqLimit,  // kMeta
+  kOpenRecord, kIdLimit, kIdFloor,
   kLog,                                          // kLog
   kMember,                                       // kMembers
   kDedup,                                        // kDedup
@@ -68,10 +67,14 @@ uint64_t At(std::string_view k, size_t offset) {
 std::optional<Parsed> ParseKey(Space space, std::string_view k) {
   switch (space) {
     case Space::kMeta:
+      if (k == "o") return Parsed{Kind::kOpenRecord};
+      if (k == "i") return Parsed{Kind::kIdLimit};
+      if (k == "f") return Parsed{Kind::kIdFloor};
       if (k.size() != 9) return std::nullopt;
       if (k[0] == 'c') return Parsed{Kind::kConversationMeta, At(k, 1)};
       if (k[0] == 'h') return Parsed{Kind::kHead, At(k, 1)};
       if (k[0] == 'p') return Parsed{Kind::kPtsLimit, At(k, 1)};
+      if (k[0] == 's') return Parsed{Kind::kSeqLimit, At(k, 1)};
       return std::nullopt;
     case Space::kLog:
       if (k.size() != 16) return std::nullopt;
@@ -131,6 +134,10 @@ std::string Build(const Parsed& p) {
     case Kind::kConversationMeta: return keys::ConversationMetaKey(ConversationId(p.a));
     case Kind::kHead: return keys::HeadKey(ConversationId(p.a));
     case Kind::kPtsLimit: return keys::PtsLimitKey(UserId(p.a));
+    case Kind::kSeqLimit: return keys::SeqLimitKey(ConversationId(p.a));
+    case Kind::kOpenRecord: return keys::OpenRecordKey();
+    case Kind::kIdLimit: return keys::IdLimitKey();
+    case Kind::kIdFloor: return keys::IdFloorKey();
     case Kind::kLog: return keys::LogKey(ConversationId(p.a), Seq(p.b));
     case Kind::kMember: return keys::MemberKey(ConversationId(p.a), UserId(p.b));
     case Kind::kDedup: return keys::DedupKey(u, DeviceId(p.b), p.tail);
@@ -153,7 +160,11 @@ Space SpaceOf(Kind k) {
   switch (k) {
     case Kind::kConversationMeta:
     case Kind::kHead:
-    case Kind::kPtsLimit: return Space::kMeta;
+    case Kind::kPtsLimit:
+    case Kind::kSeqLimit:
+    case Kind::kOpenRecord:
+    case Kind::kIdLimit:
+    case Kind::kIdFloor: return Space::kMeta;
     case Kind::kLog: return Space::kLog;
     case Kind::kMember: return Space::kMembers;
     case Kind::kDedup: return Space::kDedup;
@@ -162,6 +173,106 @@ Space SpaceOf(Kind k) {
     case Kind::kUserIndex: return Space::kUserIndex;
     default: return Space::kCursors;
   }
+}
+
+// ---- The store's parsers, in the reference parser's terms. --------------
+
+std::optional<Parsed> StoreParse(Space space, std::string_view k) {
+  switch (space) {
+    case Space::kMeta: {
+      const auto p = keys::ParseMetaKey(k);
+      if (!p) return std::nullopt;
+      switch (p->kind) {
+        case keys::MetaKeyKind::kConversationMeta:
+          return Parsed{Kind::kConversationMeta, p->id};
+        case keys::MetaKeyKind::kHead: return Parsed{Kind::kHead, p->id};
+        case keys::MetaKeyKind::kPtsLimit:
+          return Parsed{Kind::kPtsLimit, p->id};
+        case keys::MetaKeyKind::kSeqLimit:
+          return Parsed{Kind::kSeqLimit, p->id};
+        case keys::MetaKeyKind::kOpenRecord:
+          FUZZ_CHECK(p->id == 0, "fixed meta key with an id");
+          return Parsed{Kind::kOpenRecord};
+        case keys::MetaKeyKind::kIdLimit:
+          FUZZ_CHECK(p->id == 0, "fixed meta key with an id");
+          return Parsed{Kind::kIdLimit};
+        case keys::MetaKeyKind::kIdFloor:
+          FUZZ_CHECK(p->id == 0, "fixed meta key with an id");
+          return Parsed{Kind::kIdFloor};
+      }
+      return std::nullopt;
+    }
+    case Space::kLog: {
+      const auto p = keys::ParseLogKey(k);
+      if (!p) return std::nullopt;
+      return Parsed{Kind::kLog, p->conversation.value(), p->seq.value()};
+    }
+    case Space::kMembers: {
+      const auto p = keys::ParseMemberKey(k);
+      if (!p) return std::nullopt;
+      return Parsed{Kind::kMember, p->conversation.value(), p->user.value()};
+    }
+    case Space::kDedup: {
+      const auto p = keys::ParseDedupKey(k);
+      if (!p) return std::nullopt;
+      FUZZ_CHECK(p->client_id.data() >= k.data() &&
+                     p->client_id.data() + p->client_id.size() ==
+                         k.data() + k.size(),
+                 "dedup client id does not view the key's tail");
+      return Parsed{Kind::kDedup, p->user.value(), p->device.value(), 0,
+                    std::string(p->client_id)};
+    }
+    case Space::kMessageIndex: {
+      const auto p = keys::ParseMessageIndexKey(k);
+      if (!p) return std::nullopt;
+      return Parsed{Kind::kMessageIndex, p->value()};
+    }
+    case Space::kUserStream: {
+      const auto p = keys::ParseUserStreamKey(k);
+      if (!p) return std::nullopt;
+      return Parsed{Kind::kUserStream, p->user.value(), p->pts};
+    }
+    case Space::kUserIndex: {
+      const auto p = keys::ParseUserIndexKey(k);
+      if (!p) return std::nullopt;
+      return Parsed{Kind::kUserIndex, p->user.value(), p->conversation.value()};
+    }
+    case Space::kCursors: {
+      const auto p = keys::ParseCursorKey(k);
+      if (!p) return std::nullopt;
+      // Only the kind-checking parser of its own kind accepts it too.
+      for (auto kind : {keys::CursorKeyKind::kReadPosition,
+                        keys::CursorKeyKind::kDeviceUserCursor,
+                        keys::CursorKeyKind::kDeviceConversationCursor,
+                        keys::CursorKeyKind::kDeviceSync,
+                        keys::CursorKeyKind::kDelivered}) {
+        const auto typed = keys::ParseCursorKey(k, kind);
+        FUZZ_CHECK(typed.has_value() == (kind == p->kind) &&
+                       (!typed || *typed == *p),
+                   "kind-checking cursor parser disagrees (kind %d)",
+                   static_cast<int>(kind));
+      }
+      const uint64_t u = p->user.value();
+      const uint64_t d = p->device.value();
+      const uint64_t c = p->conversation.value();
+      switch (p->kind) {
+        case keys::CursorKeyKind::kReadPosition:
+          FUZZ_CHECK(d == 0, "read position with a device");
+          return Parsed{Kind::kReadPosition, u, c};
+        case keys::CursorKeyKind::kDeviceUserCursor:
+          FUZZ_CHECK(c == 0, "user cursor with a conversation");
+          return Parsed{Kind::kDeviceUserCursor, u, d};
+        case keys::CursorKeyKind::kDeviceConversationCursor:
+          return Parsed{Kind::kDeviceConversationCursor, u, d, c};
+        case keys::CursorKeyKind::kDeviceSync:
+          return Parsed{Kind::kDeviceSync, u, d, c};
+        case keys::CursorKeyKind::kDelivered:
+          return Parsed{Kind::kDelivered, u, c, d};
+      }
+      return std::nullopt;
+    }
+  }
+  return std::nullopt;
 }
 
 // ---- Mode 0: validating primitives on arbitrary bytes. ------------------
@@ -267,6 +378,10 @@ std::vector<Parsed> AllKeys(const Ids& i) {
       {Kind::kConversationMeta, i.conv},
       {Kind::kHead, i.conv},
       {Kind::kPtsLimit, i.user},
+      {Kind::kSeqLimit, i.conv},
+      {Kind::kOpenRecord},
+      {Kind::kIdLimit},
+      {Kind::kIdFloor},
       {Kind::kLog, i.conv, i.seq},
       {Kind::kMember, i.conv, i.user},
       {Kind::kDedup, i.user, i.device, 0, i.client_id},
@@ -320,6 +435,10 @@ std::vector<Scan> AllScans(const Ids& i) {
          return k.kind == Kind::kDeviceConversationCursor && k.a == s.user &&
                 k.b == s.device;
        }},
+      {"UserDeliveredPrefix", Space::kCursors, keys::UserDeliveredPrefix(u),
+       [](const Parsed& k, const Ids& s) {
+         return k.kind == Kind::kDelivered && k.a == s.user;
+       }},
       {"DeliveredPrefix", Space::kCursors, keys::DeliveredPrefix(u, c),
        [](const Parsed& k, const Ids& s) {
          return k.kind == Kind::kDelivered && k.a == s.user && k.b == s.conv;
@@ -348,23 +467,12 @@ void FuzzLayout(FuzzInput& in) {
       FUZZ_CHECK(back.has_value() && *back == p,
                  "key of kind %d does not parse back to itself: %s",
                  static_cast<int>(p.kind), Escape(key).c_str());
+      const auto store = StoreParse(SpaceOf(p.kind), key);
+      FUZZ_CHECK(store.has_value() && *store == p,
+                 "store parser: key of kind %d does not parse back: %s",
+                 static_cast<int>(p.kind), Escape(key).c_str());
     }
   }
-
-  // The unchecked accessors on well-formed keys.
-  FUZZ_CHECK(keys::SeqOfLogKey(keys::LogKey(ConversationId(x.conv), Seq(x.seq))) ==
-                 Seq(x.seq),
-             "SeqOfLogKey");
-  FUZZ_CHECK(keys::UserOfMemberKey(keys::MemberKey(ConversationId(x.conv),
-                                                   UserId(x.user))) ==
-                 UserId(x.user),
-             "UserOfMemberKey");
-  FUZZ_CHECK(keys::PtsOfUserStreamKey(keys::UserStreamKey(UserId(x.user), x.pts)) ==
-                 x.pts,
-             "PtsOfUserStreamKey");
-  FUZZ_CHECK(keys::ConversationOfUserIndexKey(keys::UserIndexKey(
-                 UserId(x.user), ConversationId(x.conv))) == ConversationId(x.conv),
-             "ConversationOfUserIndexKey");
 
   // Byte order is tuple order for keys of one kind.
   for (size_t i = 0; i < kx.size(); ++i) {
@@ -401,12 +509,16 @@ void FuzzLayout(FuzzInput& in) {
   }
 }
 
-// ---- Mode 2: the reference parser on arbitrary bytes. ------------------
+// ---- Mode 2: both parsers on arbitrary bytes. ----------------------------
 
 void FuzzParser(FuzzInput& in) {
   const Space space = static_cast<Space>(in.Byte() % kNumSpaces);
   const std::string_view key = in.Rest();
   const auto parsed = ParseKey(space, key);
+  const auto store = StoreParse(space, key);
+  FUZZ_CHECK(parsed == store, "store parser %s what the reference %s: %s",
+             store ? "accepts" : "rejects", parsed ? "accepts" : "rejects",
+             Escape(key).c_str());
   if (!parsed) return;
   FUZZ_CHECK(SpaceOf(parsed->kind) == space, "parsed into another space");
   FUZZ_CHECK(Build(*parsed) == key, "accepted key %s does not rebuild",

@@ -18,7 +18,7 @@
 #include <sstream>
 #include <thread>
 
-#include "log/keys.h"
+#include "store/keys.h"
 #include "log/log_codec.h"
 #include "parley/engine.h"
 #include "testing/backends.h"
@@ -1134,7 +1134,12 @@ void Workload::NoteStoredStreams() {
     o << "stored update stream of u" << u << ":";
     uint64_t expect = 0;
     for (it->Seek(prefix); it->Valid(); it->Next()) {
-      const uint64_t pts = keys::PtsOfUserStreamKey(it->key());
+      const auto key = keys::ParseUserStreamKey(it->key());
+      if (!key.has_value()) {
+        o << " (corrupt key)";
+        continue;
+      }
+      const uint64_t pts = key->pts;
       ConversationId c;
       Seq seq;
       if (!DecodeIndexValue(it->value(), &c, &seq).ok()) {

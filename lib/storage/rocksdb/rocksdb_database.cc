@@ -200,23 +200,49 @@ class HealthListener final : public rocksdb::EventListener {
   const std::shared_ptr<DatabaseHealth> health_;
 };
 
+// The key prefix under which a space's writes follow each other (see
+// lib/store/keys.h), for memtable insert hints; 0 = none.
+//   kLog, kUserStream: an 8-byte owner (conversation, user) and an
+//     increasing position: each append goes after the owner's last key
+//     (write fan-out inserts one key per member; the search was ~half of a
+//     100-member send's CPU).
+//   kMeta: "h"/"s" + conversation, rewritten by every send of it: the hint
+//     is the key's own position.
+//   kCursors: user + tag + conversation/device: read positions rewritten by
+//     every send, device cursors by every ack.
+//   kDedup: user + device, then the client's ids.
+size_t InsertHintPrefix(Space space) {
+  switch (space) {
+    case Space::kLog:
+    case Space::kUserStream:
+      return 8;
+    case Space::kMeta:
+      return 9;
+    case Space::kCursors:
+      return 17;
+    case Space::kDedup:
+      return 16;
+    default:
+      return 0;
+  }
+}
+
 rocksdb::ColumnFamilyOptions SpaceOptions(
     const RocksDbStorageOptions& options,
     const std::shared_ptr<rocksdb::TableFactory>& table_factory,
     const rocksdb::CompactionFilter* expiry_filter, bool expiring,
-    bool appended_per_prefix = false) {
+    size_t hint_prefix_bytes = 0) {
   rocksdb::ColumnFamilyOptions cf;
   cf.write_buffer_size = options.write_buffer_bytes;
   cf.table_factory = table_factory;
-  if (appended_per_prefix) {
-    // Keys are an 8-byte owner (conversation, user) and an increasing
-    // position: the memtable keeps one insert hint per owner, so an append
-    // lands next to the owner's previous key instead of searching the whole
-    // skip list (write fan-out inserts one key per member; the search was
-    // ~half of a 100-member send's CPU). The hints live in the memtable's
-    // arena, so write_buffer_bytes still bounds the memory.
+  if (hint_prefix_bytes > 0) {
+    // The memtable keeps one insert hint per key prefix (the last insert's
+    // position), so a key written next to the previous one of its prefix
+    // lands there instead of searching the whole skip list. The hints live
+    // in the memtable's arena, so write_buffer_bytes still bounds the
+    // memory; keys shorter than the prefix are inserted without one.
     cf.memtable_insert_with_hint_prefix_extractor.reset(
-        rocksdb::NewFixedPrefixTransform(8));
+        rocksdb::NewFixedPrefixTransform(hint_prefix_bytes));
   }
   if (expiring) {
     cf.compaction_filter = expiry_filter;
@@ -329,8 +355,7 @@ absl::StatusOr<std::shared_ptr<Database>> OpenDatabase(
     descriptors.emplace_back(
         std::string(SpaceName(space)),
         SpaceOptions(options, table_factory, database->filter.get(),
-                     SpaceHasExpiry(space),
-                     space == Space::kLog || space == Space::kUserStream));
+                     SpaceHasExpiry(space), InsertHintPrefix(space)));
   }
   // Column families this version does not know (written by a newer one)
   // must be opened too, or DB::Open refuses the database.

@@ -1,9 +1,8 @@
-// EngineImpl, the sequencer's side: loading and caching conversation and
-// update-stream state, seq/pts/id reservations, commits through group
-// commit (synchronous and asynchronous) and the ordered feed to delivery.
-// The state types, group commit and the feed live in lib/sequencer/.
+// The sequencer (sequencer.h): state loading and caching, seq / pts / id
+// reservations, commits through group commit (synchronous and asynchronous)
+// and the ordered feed to delivery.
 
-#include "engine/engine_impl.h"
+#include "sequencer/sequencer.h"
 
 #include <algorithm>
 #include <utility>
@@ -11,20 +10,48 @@
 #include "absl/strings/str_cat.h"
 #include "common/check.h"
 #include "common/coding.h"
-#include "engine/engine_internal.h"
-#include "fanout/fanout_policy.h"
 #include "engine/open_record.h"
-#include "log/keys.h"
+#include "store/keys.h"
 #include "log/log_codec.h"
 
 namespace parley {
 
-using namespace engine_internal;  // NOLINT: this folder's own helpers
+namespace {
+
+int64_t NowMicros(const Clock& clock) { return ToMicros(clock.Now()); }
+
+}  // namespace
+
+Sequencer::Sequencer(SequencerOptions options, Storage* storage, Clock* clock,
+                     FeedListener* feed)
+    : options_(std::move(options)),
+      storage_(storage),
+      clock_(clock),
+      feed_(feed),
+      ids_(options_.node_id, options_.id_floor),
+      id_reservation_(storage, options_.durability == Durability::kBuffered,
+                      options_.id_limit_millis, options_.id_reserve_ahead),
+      committer_(storage, options_.durability == Durability::kSync,
+                 options_.max_group_commit_sends,
+                 options_.around_completions),
+      cache_(options_.max_cached_conversations),
+      users_(options_.max_cached_user_streams) {}
+
+Sequencer::~Sequencer() { Stop(); }
+
+void Sequencer::Stop() {
+  committer_.Stop();
+  id_reservation_.Detach();
+}
+
+void Sequencer::Log(LogLevel level, const std::string& message) const {
+  if (options_.logger) options_.logger->Log(level, message);
+}
 
 // ---------------------------------------------------------------------------
 // Sequencer state
 
-absl::Status EngineImpl::LoadLocked(ConversationState& st) {
+absl::Status Sequencer::LoadLocked(ConversationState& st) {
   const uint64_t epoch = committer_.epoch();
   if (st.loaded && st.epoch == epoch) return absl::OkStatus();
   loads_.fetch_add(1, std::memory_order_relaxed);
@@ -66,10 +93,13 @@ absl::Status EngineImpl::LoadLocked(ConversationState& st) {
                                     PrefixSuccessor(prefix));
     std::vector<MembershipInterval> intervals;
     for (it->Seek(prefix); it->Valid(); it->Next()) {
+      auto key = keys::ParseMemberKey(it->key());
+      if (!key || key->conversation != st.id) {
+        return keys::CorruptKeyError(Space::kMembers, it->key());
+      }
       PARLEY_RETURN_IF_ERROR(DecodeMemberValue(it->value(), &intervals));
       if (!intervals.empty() && !intervals.back().left.valid()) {
-        st.members.emplace_back(keys::UserOfMemberKey(it->key()),
-                                intervals.back().joined);
+        st.members.emplace_back(key->user, intervals.back().joined);
       }
     }
     PARLEY_RETURN_IF_ERROR(it->status());
@@ -81,7 +111,7 @@ absl::Status EngineImpl::LoadLocked(ConversationState& st) {
   st.member_count = meta.member_count;
   st.mode = meta.mode;
   st.pending_reads.clear();
-  if (limit_generation < loss_generation_ && limit > head) {
+  if (limit_generation < options_.loss_generation && limit > head) {
     // A power loss since the limit was stored: seqs up to it may have been
     // acknowledged and lost. They are never handed out again.
     PARLEY_RETURN_IF_ERROR(RecordLostSeqsLocked(st, head, limit));
@@ -94,7 +124,7 @@ absl::Status EngineImpl::LoadLocked(ConversationState& st) {
   return absl::OkStatus();
 }
 
-absl::Status EngineImpl::RecordLostSeqsLocked(ConversationState& st,
+absl::Status Sequencer::RecordLostSeqsLocked(ConversationState& st,
                                               uint64_t head, uint64_t limit) {
   // At most kSeqBlock - 1 entries: every block crossing was fsynced, so the
   // surviving head is at least the seq that reserved the limit.
@@ -117,7 +147,7 @@ absl::Status EngineImpl::RecordLostSeqsLocked(ConversationState& st,
   batch.Put(Space::kMeta, keys::HeadKey(st.id), value);
   // Stamped with this generation: the range is recorded once.
   batch.Put(Space::kMeta, keys::SeqLimitKey(st.id),
-            EncodeLimitValue(limit, generation_));
+            EncodeLimitValue(limit, options_.generation));
   // Nothing of this conversation is in flight (its state is not loaded), so
   // the write needs no queue. Not synced: if it is lost, the next open sees
   // another power loss and records the same range again.
@@ -130,27 +160,35 @@ absl::Status EngineImpl::RecordLostSeqsLocked(ConversationState& st,
   return s;
 }
 
-void EngineImpl::ReserveSeqLocked(ConversationState& st, uint64_t seq,
-                                  GroupCommitter::Request* r) {
+Seq Sequencer::AssignSeq(Reservation* rv) {
+  ConversationState& st = *rv->st;
+  const uint64_t seq = ++st.assigned_seq;
+  rv->seq = seq;
   // kSync: every batch is fsynced, so the stored head bounds what was
   // acknowledged and no limit is needed.
-  if (options_.durability != Durability::kBuffered || seq <= st.seq_limit) {
-    return;
+  if (options_.durability == Durability::kBuffered && seq > st.seq_limit) {
+    st.seq_limit = seq + kSeqBlock - 1;
+    rv->batch().Put(Space::kMeta, keys::SeqLimitKey(st.id),
+                    EncodeLimitValue(st.seq_limit, options_.generation));
+    rv->request->needs_sync = true;
   }
-  st.seq_limit = seq + kSeqBlock - 1;
-  r->batch.Put(Space::kMeta, keys::SeqLimitKey(st.id),
-               EncodeLimitValue(st.seq_limit, generation_));
-  r->needs_sync = true;
+  return Seq(seq);
 }
 
-absl::StatusOr<MessageId> EngineImpl::NextId(Timestamp now) {
+Seq Sequencer::AssignFirstSeq(Reservation* rv) {
+  ConversationState& st = *rv->st;
+  PARLEY_CHECK(st.assigned_seq == 0 && st.committed_seq == 0);
+  return AssignSeq(rv);
+}
+
+absl::StatusOr<MessageId> Sequencer::NextId(Timestamp now) {
   const MessageId id = ids_.Next(ToMicros(now) / 1000);
   PARLEY_RETURN_IF_ERROR(
       id_reservation_.Cover(MessageIdGenerator::MillisOf(id)));
   return id;
 }
 
-absl::Status EngineImpl::LoadExistingLocked(ConversationState& st) {
+absl::Status Sequencer::LoadExistingLocked(ConversationState& st) {
   PARLEY_RETURN_IF_ERROR(LoadLocked(st));
   if (!st.exists) {
     return absl::NotFoundError(
@@ -159,7 +197,7 @@ absl::Status EngineImpl::LoadExistingLocked(ConversationState& st) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<MembershipInterval>> EngineImpl::ReadIntervals(
+absl::StatusOr<std::vector<MembershipInterval>> Sequencer::ReadIntervals(
     ConversationId c, UserId u) {
   std::vector<MembershipInterval> intervals;
   std::string value;
@@ -170,7 +208,7 @@ absl::StatusOr<std::vector<MembershipInterval>> EngineImpl::ReadIntervals(
   return intervals;
 }
 
-absl::StatusOr<std::optional<Seq>> EngineImpl::CurrentJoinLocked(
+absl::StatusOr<std::optional<Seq>> Sequencer::CurrentJoinLocked(
     ConversationState& st, UserId user) {
   if (st.members_cached) {
     auto it = std::lower_bound(
@@ -187,7 +225,7 @@ absl::StatusOr<std::optional<Seq>> EngineImpl::CurrentJoinLocked(
   return intervals->back().joined;
 }
 
-uint64_t EngineImpl::RetentionExpiryLocked(const ConversationState& st,
+uint64_t Sequencer::RetentionExpiryLocked(const ConversationState& st,
                                            Timestamp now) const {
   const int64_t seconds = st.retention_seconds > 0
                               ? st.retention_seconds
@@ -195,7 +233,7 @@ uint64_t EngineImpl::RetentionExpiryLocked(const ConversationState& st,
   return static_cast<uint64_t>(ToMicros(now) + seconds * 1000000);
 }
 
-std::string EngineImpl::MetaValueLocked(const ConversationState& st) const {
+std::string Sequencer::MetaValueLocked(const ConversationState& st) const {
   ConversationMetaValue meta;
   meta.kind = st.kind;
   meta.retention_seconds = st.retention_seconds;
@@ -205,62 +243,55 @@ std::string EngineImpl::MetaValueLocked(const ConversationState& st) const {
   return EncodeConversationMeta(meta);
 }
 
-absl::Status EngineImpl::Commit(
-    ConversationState& st, GroupCommitter::Request& r, uint64_t seq,
-    Fanout* f, std::optional<std::pair<UserId, uint64_t>> pending_read) {
+absl::Status Sequencer::Commit(Reservation* rv) {
+  ConversationState& st = *rv->st;
+  GroupCommitter::Request& r = *rv->request;
   // The feed and the commit queue learn of the reservation in reservation
   // order: still under the conversation's and the users' locks.
-  if (f != nullptr) EnqueueFeedLocked(st, *f);
+  EnqueueFeedLocked(*rv);
   r.epoch = st.epoch;
   committer_.Enqueue(&r);  // a refused request is done: Await returns at once
-  if (pending_read) st.pending_reads.push_back(*pending_read);
-  if (f != nullptr) {
-    for (auto& u : f->locked) u->mu.Unlock();
-  }
+  if (rv->pending_read) st.pending_reads.push_back(*rv->pending_read);
+  for (auto& u : rv->locked) u->mu.Unlock();
   st.mu.Unlock();
   absl::Status s = committer_.Await(&r);
-  FinishCommit(st, seq, f, pending_read, s);
+  FinishHeads(*rv, s);
+  // Heads first, then the feed: a device that registers and reads the heads
+  // either sees this commit in them or receives it from the feed.
+  FinishFeed(*rv, s.ok());
   return s;
 }
 
 // What an asynchronous commit finishes after its write.
-struct EngineImpl::AsyncCommit {
-  std::shared_ptr<ConversationState> st;
-  uint64_t seq = 0;
-  Fanout f;
-  std::optional<std::pair<UserId, uint64_t>> pending_read;
+struct Sequencer::AsyncCommit {
+  Reservation rv;  // its request belongs to the committer
   absl::AnyInvocable<void(absl::Status)> then;
 };
 
-void EngineImpl::CommitAsync(
-    std::shared_ptr<ConversationState> st,
-    std::unique_ptr<GroupCommitter::Request> r, uint64_t seq, Fanout f,
-    std::optional<std::pair<UserId, uint64_t>> pending_read,
-    absl::AnyInvocable<void(absl::Status)> then) {
-  ConversationState* const state = st.get();
-  EnqueueFeedLocked(*state, f);
-  r->epoch = state->epoch;
-  if (pending_read) state->pending_reads.push_back(*pending_read);
+void Sequencer::CommitAsync(Reservation rv,
+                            absl::AnyInvocable<void(absl::Status)> then) {
+  PARLEY_CHECK(rv.record != nullptr);
+  ConversationState* const state = rv.st.get();
+  EnqueueFeedLocked(rv);
+  rv.request->epoch = state->epoch;
+  if (rv.pending_read) state->pending_reads.push_back(*rv.pending_read);
   // The completion owns the states from here; it cannot finish before the
   // locks below are released (FinishHeads takes them), so the raw pointers
   // stay valid while this thread unlocks.
   std::vector<UserStreamState*> locked;
-  locked.reserve(f.locked.size());
-  for (auto& u : f.locked) locked.push_back(u.get());
+  locked.reserve(rv.locked.size());
+  for (auto& u : rv.locked) locked.push_back(u.get());
+  GroupCommitter::Request* const request = rv.request.release();
   auto c = std::make_shared<AsyncCommit>();
-  c->st = std::move(st);
-  c->seq = seq;
-  c->f = std::move(f);
-  c->pending_read = pending_read;
+  c->rv = std::move(rv);
   c->then = std::move(then);
-  r->on_written = [this, c](const absl::Status& s) {
-    FinishHeads(*c->st, c->seq, &c->f, c->pending_read, s);
+  request->on_written = [this, c](const absl::Status& s) {
+    FinishHeads(c->rv, s);
   };
-  r->on_done = [this, c](absl::Status s) {
-    FinishFeed(*c->st, c->f, s.ok());
+  request->on_done = [this, c](absl::Status s) {
+    FinishFeed(c->rv, s.ok());
     std::move(c->then)(std::move(s));
   };
-  GroupCommitter::Request* const request = r.release();
   const bool accepted = committer_.Enqueue(request);
   for (UserStreamState* u : locked) u->mu.Unlock();
   state->mu.Unlock();
@@ -275,29 +306,17 @@ void EngineImpl::CommitAsync(
   }
 }
 
-void EngineImpl::FinishCommit(
-    ConversationState& st, uint64_t seq, Fanout* f,
-    std::optional<std::pair<UserId, uint64_t>> pending_read,
-    const absl::Status& s) {
-  FinishHeads(st, seq, f, pending_read, s);
-  // Heads first, then the feed: a device that registers and reads the heads
-  // either sees this commit in them or receives it from the feed.
-  if (f != nullptr) FinishFeed(st, *f, s.ok());
-}
-
-void EngineImpl::FinishHeads(
-    ConversationState& st, uint64_t seq, Fanout* f,
-    std::optional<std::pair<UserId, uint64_t>> pending_read,
-    const absl::Status& s) {
+void Sequencer::FinishHeads(Reservation& rv, const absl::Status& s) {
+  ConversationState& st = *rv.st;
   // A failed group fails everything queued behind it and bumps the epoch:
   // nothing of these states is in flight any more, and they reload from
   // storage before their next use.
-  if (s.ok() && f != nullptr) {
-    size_t at = 0;  // f->pts follows f->locked's (sorted) order
-    for (const auto& [user, pts] : f->pts) {
-      while (at < f->locked.size() && f->locked[at]->id < user) ++at;
-      PARLEY_CHECK(at < f->locked.size());
-      UserStreamState& u = *f->locked[at];
+  if (s.ok()) {
+    size_t at = 0;  // rv.pts follows rv.locked's (sorted) order
+    for (const auto& [user, pts] : rv.pts) {
+      while (at < rv.locked.size() && rv.locked[at]->id < user) ++at;
+      PARLEY_CHECK(at < rv.locked.size());
+      UserStreamState& u = *rv.locked[at];
       MutexLock lock(&u.mu);
       u.committed_pts = std::max(u.committed_pts, pts);
     }
@@ -305,10 +324,10 @@ void EngineImpl::FinishHeads(
   {
     // Also wakes AwaitQuiescentLocked after a failure (the epoch moved).
     MutexLock lock(&st.mu);
-    if (s.ok()) st.committed_seq = std::max(st.committed_seq, seq);
-    if (pending_read) {
+    if (s.ok()) st.committed_seq = std::max(st.committed_seq, rv.seq);
+    if (rv.pending_read) {
       auto it = std::find(st.pending_reads.begin(), st.pending_reads.end(),
-                          *pending_read);
+                          *rv.pending_read);
       if (it != st.pending_reads.end()) st.pending_reads.erase(it);
     }
   }
@@ -317,40 +336,40 @@ void EngineImpl::FinishHeads(
   }
 }
 
-void EngineImpl::EnqueueFeedLocked(ConversationState& st, Fanout& f) {
-  if (f.record == nullptr) return;
-  st.feed.Append(f.record);
-  const FeedRecord& rec = *f.record;
-  size_t at = 0;  // rec.pts and f.locked are both sorted by user
-  for (const auto& us : f.locked) {
+void Sequencer::EnqueueFeedLocked(Reservation& rv) {
+  if (rv.record == nullptr) return;
+  rv.st->feed.Append(rv.record);
+  const FeedRecord& rec = *rv.record;
+  size_t at = 0;  // rec.pts and rv.locked are both sorted by user
+  for (const auto& us : rv.locked) {
     while (at < rec.pts.size() && rec.pts[at].first < us->id) ++at;
     const uint64_t pts =
         at < rec.pts.size() && rec.pts[at].first == us->id ? rec.pts[at].second
                                                            : 0;
     if (pts != 0 || rec.RangesOf(us->id) != nullptr) {
-      us->feed.Append(f.record, pts);
+      us->feed.Append(rv.record, pts);
     }
   }
 }
 
-void EngineImpl::FinishFeed(ConversationState& st, Fanout& f, bool ok) {
-  if (f.record == nullptr) return;
-  f.record->state.store(ok ? FeedRecord::kCommitted : FeedRecord::kFailed,
-                        std::memory_order_release);
-  st.feed.Drain([this](const FeedQueue::Item& item) {
+void Sequencer::FinishFeed(Reservation& rv, bool ok) {
+  if (rv.record == nullptr) return;
+  rv.record->state.store(ok ? FeedRecord::kCommitted : FeedRecord::kFailed,
+                         std::memory_order_release);
+  rv.st->feed.Drain([this](const FeedQueue::Item& item) {
     if (item.record->state.load(std::memory_order_acquire) ==
         FeedRecord::kCommitted) {
-      delivery_.PublishConversation(*item.record);
+      feed_->PublishConversation(*item.record);
     } else {
-      delivery_.PublishFailed(*item.record);  // outcome unknown
+      feed_->PublishFailed(*item.record);  // outcome unknown
     }
   });
-  for (const auto& us : f.locked) {
+  for (const auto& us : rv.locked) {
     const UserId u = us->id;
     us->feed.Drain([this, u](const FeedQueue::Item& item) {
       if (item.record->state.load(std::memory_order_acquire) ==
           FeedRecord::kCommitted) {
-        delivery_.PublishUser(u, *item.record, item.pts);
+        feed_->PublishUser(u, *item.record, item.pts);
       }
     });
   }
@@ -359,7 +378,7 @@ void EngineImpl::FinishFeed(ConversationState& st, Fanout& f, bool ok) {
 // ---------------------------------------------------------------------------
 // Update streams and fan-out
 
-absl::Status EngineImpl::LoadUserLocked(UserStreamState& us) {
+absl::Status Sequencer::LoadUserLocked(UserStreamState& us) {
   const uint64_t epoch = committer_.epoch();
   if (us.loaded && us.epoch == epoch) return absl::OkStatus();
   // The head is not written on every send (that would be one more record
@@ -377,7 +396,11 @@ absl::Status EngineImpl::LoadUserLocked(UserStreamState& us) {
                                     PrefixSuccessor(prefix));
     it->SeekForPrev(keys::UserStreamKey(us.id, ~uint64_t{0}));
     if (it->Valid()) {
-      last = keys::PtsOfUserStreamKey(it->key());
+      auto key = keys::ParseUserStreamKey(it->key());
+      if (!key || key->user != us.id) {
+        return keys::CorruptKeyError(Space::kUserStream, it->key());
+      }
+      last = key->pts;
       if (it->value().size() < kExpiryPrefixBytes) {
         return absl::DataLossError("corrupt update stream entry");
       }
@@ -401,7 +424,7 @@ absl::Status EngineImpl::LoadUserLocked(UserStreamState& us) {
   // A power loss since the limit was stored may have taken back positions
   // up to it that devices hold: resume above it too. (The next position
   // passes the limit, so the block reserved then carries this generation.)
-  const bool lost = limit_generation < loss_generation_;
+  const bool lost = limit_generation < options_.loss_generation;
   const uint64_t pts = tail_live && !lost ? last : std::max(last, limit);
   us.assigned_pts = us.committed_pts = pts;
   us.limit = std::max(limit, pts);
@@ -411,21 +434,21 @@ absl::Status EngineImpl::LoadUserLocked(UserStreamState& us) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<uint64_t> EngineImpl::UserHead(UserId u) {
+absl::StatusOr<uint64_t> Sequencer::UserHead(UserId u) {
   auto us = users_.Acquire(u);
   MutexLock lock(&us->mu);
   PARLEY_RETURN_IF_ERROR(LoadUserLocked(*us));
   return us->committed_pts;
 }
 
-absl::StatusOr<uint64_t> EngineImpl::ConversationHead(ConversationId c) {
+absl::StatusOr<uint64_t> Sequencer::ConversationHead(ConversationId c) {
   auto st = cache_.Acquire(c);
   MutexLock lock(&st->mu);
   PARLEY_RETURN_IF_ERROR(LoadLocked(*st));
   return st->committed_seq;
 }
 
-absl::StatusOr<std::vector<UserId>> EngineImpl::MembersLocked(
+absl::StatusOr<std::vector<UserId>> Sequencer::MembersLocked(
     ConversationState& st) {
   std::vector<UserId> out;
   if (st.members_cached) {
@@ -438,23 +461,28 @@ absl::StatusOr<std::vector<UserId>> EngineImpl::MembersLocked(
       storage_->NewIterator(Space::kMembers, prefix, PrefixSuccessor(prefix));
   std::vector<MembershipInterval> intervals;
   for (it->Seek(prefix); it->Valid(); it->Next()) {
+    auto key = keys::ParseMemberKey(it->key());
+    if (!key || key->conversation != st.id) {
+      return keys::CorruptKeyError(Space::kMembers, it->key());
+    }
     PARLEY_RETURN_IF_ERROR(DecodeMemberValue(it->value(), &intervals));
     if (!intervals.empty() && !intervals.back().left.valid()) {
-      out.push_back(keys::UserOfMemberKey(it->key()));
+      out.push_back(key->user);
     }
   }
   PARLEY_RETURN_IF_ERROR(it->status());
   return out;
 }
 
-absl::Status EngineImpl::LockUsers(const std::vector<UserId>& users,
-                                   uint64_t epoch, Fanout* f) {
+absl::Status Sequencer::LockUsers(const std::vector<UserId>& users,
+                                  Reservation* rv) {
+  const uint64_t epoch = rv->st->epoch;
   // Always in user id order: two conversations locking overlapping member
   // sets cannot deadlock.
   for (UserId u : users) {
     auto us = users_.Acquire(u);
     us->mu.Lock();
-    f->locked.push_back(us);
+    rv->locked.push_back(us);
     absl::Status s = LoadUserLocked(*us);
     if (s.ok() && us->epoch != epoch) {
       // A write failed since the conversation's state was validated (this
@@ -467,8 +495,8 @@ absl::Status EngineImpl::LockUsers(const std::vector<UserId>& users,
           "stored, retry it");
     }
     if (!s.ok()) {
-      for (auto& l : f->locked) l->mu.Unlock();
-      f->locked.clear();
+      for (auto& l : rv->locked) l->mu.Unlock();
+      rv->locked.clear();
       return s;
     }
   }
@@ -476,38 +504,39 @@ absl::Status EngineImpl::LockUsers(const std::vector<UserId>& users,
 }
 
 
-void EngineImpl::FanOutOnWrite(const std::vector<UserId>& targets,
-                               ConversationId c, Seq seq, uint64_t expiry,
-                               Fanout* f, GroupCommitter::Request* r) {
-  WriteBatch* batch = &r->batch;
+void Sequencer::FanOutOnWrite(const std::vector<UserId>& targets,
+                              ConversationId c, Seq seq, uint64_t expiry,
+                              Reservation* rv) {
+  WriteBatch* batch = &rv->batch();
   std::string value;
   // Both lists are sorted by user: walk them together (linear, not N^2).
   size_t at = 0;
   for (UserId u : targets) {
-    while (at < f->locked.size() && f->locked[at]->id < u) ++at;
-    PARLEY_CHECK(at < f->locked.size() && f->locked[at]->id == u);
-    UserStreamState* us = f->locked[at].get();
+    while (at < rv->locked.size() && rv->locked[at]->id < u) ++at;
+    PARLEY_CHECK(at < rv->locked.size() && rv->locked[at]->id == u);
+    UserStreamState* us = rv->locked[at].get();
     const uint64_t pts = ++us->assigned_pts;
     if (pts > us->limit) {
       // Durable before any position of the block is acknowledged (in
       // kBuffered too: a power loss must not take the limit back).
       us->limit = pts + kPtsBlock - 1;
       batch->Put(Space::kMeta, keys::PtsLimitKey(u),
-                 EncodeLimitValue(us->limit, generation_));
-      r->needs_sync = true;
+                 EncodeLimitValue(us->limit, options_.generation));
+      rv->request->needs_sync = true;
     }
     us->last_expiry = std::max(us->last_expiry, expiry);
     value.clear();
     EncodeUserStreamValue(c, seq, us->last_expiry, &value);
     batch->Put(Space::kUserStream, keys::UserStreamKey(u, pts), value);
-    f->pts.emplace_back(u, pts);
+    rv->pts.emplace_back(u, pts);
   }
 }
 
-absl::Status EngineImpl::ReadRangesForChange(const std::vector<UserId>& users,
-                                             ConversationId c, Fanout* f) {
-  f->ranges.clear();
-  f->ranges.reserve(users.size());
+absl::Status Sequencer::ReadRangesForChange(const std::vector<UserId>& users,
+                                            ConversationId c,
+                                            Reservation* rv) {
+  rv->ranges.clear();
+  rv->ranges.reserve(users.size());
   for (UserId u : users) {
     std::vector<ReadRangeValue> ranges;
     std::string value;
@@ -518,15 +547,15 @@ absl::Status EngineImpl::ReadRangesForChange(const std::vector<UserId>& users,
     } else if (!absl::IsNotFound(s)) {
       return s;
     }
-    f->ranges.emplace_back(u, std::move(ranges));
+    rv->ranges.emplace_back(u, std::move(ranges));
   }
   return absl::OkStatus();
 }
 
-void EngineImpl::ApplyRangeChanges(
-    ConversationId c, Seq seq, Fanout* f, WriteBatch* batch,
+void Sequencer::ApplyRangeChanges(
+    ConversationId c, Seq seq, Reservation* rv,
     const std::function<void(UserId, std::vector<ReadRangeValue>&)>& change) {
-  for (auto& [u, ranges] : f->ranges) {
+  for (auto& [u, ranges] : rv->ranges) {
     change(u, ranges);
     // An empty stretch (closed before it began) carries nothing.
     ranges.erase(std::remove_if(ranges.begin(), ranges.end(),
@@ -534,12 +563,12 @@ void EngineImpl::ApplyRangeChanges(
                                   return r.to != 0 && r.to < r.from;
                                 }),
                  ranges.end());
-    batch->Put(Space::kUserIndex, keys::UserIndexKey(u, c),
+    rv->batch().Put(Space::kUserIndex, keys::UserIndexKey(u, c),
                EncodeReadRanges(ranges, seq.value()));
   }
 }
 
-uint64_t EngineImpl::PendingReadLocked(const ConversationState& st,
+uint64_t Sequencer::PendingReadLocked(const ConversationState& st,
                                        UserId u) const {
   uint64_t m = 0;
   for (const auto& [user, seq] : st.pending_reads) {
@@ -548,36 +577,31 @@ uint64_t EngineImpl::PendingReadLocked(const ConversationState& st,
   return m;
 }
 
-absl::StatusOr<uint64_t> EngineImpl::StoredRead(UserId u, ConversationId c) {
-  std::string value;
-  absl::Status s =
-      storage_->Get(Space::kCursors, keys::ReadPositionKey(u, c), &value);
-  if (absl::IsNotFound(s)) return 0;
-  PARLEY_RETURN_IF_ERROR(s);
-  uint64_t v;
-  PARLEY_RETURN_IF_ERROR(DecodeU64Value(value, &v));
-  return v;
-}
-
-std::shared_ptr<FeedRecord> EngineImpl::MakeRecord(
-    std::shared_ptr<const LogEntry> entry, FanoutMode mode,
-    uint64_t expiry_micros, Fanout* f) {
+void Sequencer::SetRecord(Reservation* rv,
+                          std::shared_ptr<const LogEntry> entry,
+                          FanoutMode mode, uint64_t expiry_micros) {
   auto record = std::make_shared<FeedRecord>();
   record->entry = std::move(entry);
   record->mode = mode;
   record->expiry_micros = expiry_micros;
-  record->pts = f->pts;
-  record->ranges = std::move(f->ranges);
-  f->ranges.clear();
-  return record;
+  record->pts = rv->pts;
+  record->ranges = std::move(rv->ranges);
+  rv->ranges.clear();
+  rv->record = std::move(record);
 }
 
-void EngineImpl::UnlockUsers(Fanout* f) {
-  for (auto& u : f->locked) u->mu.Unlock();
-  f->locked.clear();
+void Sequencer::UnlockUsers(Reservation* rv) {
+  for (auto& u : rv->locked) u->mu.Unlock();
+  rv->locked.clear();
 }
 
-absl::Status EngineImpl::AwaitQuiescentLocked(ConversationState& st) {
+void Sequencer::Abort(Reservation* rv) {
+  PARLEY_CHECK(rv->seq == 0);
+  UnlockUsers(rv);
+  rv->st->mu.Unlock();
+}
+
+absl::Status Sequencer::AwaitQuiescentLocked(ConversationState& st) {
   while (st.committed_seq < st.assigned_seq) {
     // Write what is queued on this thread rather than wait for the commit
     // thread, which may be blocked in a host callback meanwhile.

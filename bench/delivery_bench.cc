@@ -47,6 +47,17 @@
 //    moved whenever the window is full; then detach/reattach with nothing
 //    pending. Printed with 5 and a cost model that combines them (see
 //    PrintSweep and docs/PERFORMANCE.md).
+// 7. registry/attach_detach/f<N>/parley
+//    Session registry cost: a group of N members forced to read fan-out,
+//    every member's device attached (untimed setup, memory storage so that
+//    the registry is not hidden behind RocksDB reads); timed: Detach then
+//    Attach again of one member's device, round robin over the members, so
+//    N devices follow the conversation throughout. Time per iteration = one
+//    detach + one reattach. f2 (a group of 2) is the baseline: the same pair
+//    of calls with one other follower; the ratio is what a large follower
+//    set adds. registry/attach_detach/f1000/parley/threads:2: two threads,
+//    each cycling its own half of the members (distinct devices), beside
+//    threads:1 on the same case (pairs/s counts both threads' pairs).
 //
 // Extra flags: --memory=false, --memory_only, --deadlock_detection=false
 // (turns off Abseil's mutex deadlock detector, which Debian's Abseil build
@@ -1360,6 +1371,69 @@ void BM_GroupCatchup(benchmark::State& state, parley::FanoutMode mode) {
 // ---------------------------------------------------------------------------
 // Results
 
+// ---------------------------------------------------------------------------
+// 7. Session registry: attach + detach with many followers
+
+constexpr uint64_t kRegistryConv = 7;
+constexpr size_t kRegistrySizes[] = {2, 1000, 10000};
+
+struct RegistryCase final : Case {
+  std::shared_ptr<parley::Storage> storage;
+  std::unique_ptr<parley::Engine> engine;
+  std::vector<std::shared_ptr<CountingSink>> sinks;  // one per member
+  ~RegistryCase() override {
+    if (engine) Check(engine->Close(), "Engine::Close");
+    engine.reset();
+    sinks.clear();
+    if (storage) Check(storage->Close(), "Storage::Close");
+  }
+};
+
+void BM_AttachDetach(benchmark::State& state, size_t members) {
+  // Thread 0 sets the case up; the loop's start is a barrier for all
+  // threads, so the others look it up only inside the loop.
+  if (state.thread_index() == 0) {
+    EnsureCase<RegistryCase>(
+        "registry/" + std::to_string(members), [&](RegistryCase& c) {
+          c.storage = parley::NewMemoryStorage(parley::SystemClock());
+          parley::Options options;
+          options.storage = c.storage;
+          options.clock = parley::SystemClock();
+          options.durability = parley::Durability::kBuffered;
+          options.fanout_policy =
+              std::make_shared<ForcedPolicy>(parley::FanoutMode::kRead);
+          options.max_cached_user_streams = std::max<size_t>(10000, members);
+          c.engine = Take(parley::Engine::Open(std::move(options)),
+                          "Engine::Open");
+          std::vector<parley::UserId> ids;
+          for (size_t i = 0; i < members; ++i) ids.emplace_back(i + 1);
+          Check(c.engine->CreateConversation(
+                    {.id = parley::ConversationId(kRegistryConv),
+                     .kind = parley::ConversationKind::kGroup,
+                     .creator = ids[0],
+                     .members = ids}),
+                "CreateConversation");
+          for (size_t i = 0; i < members; ++i) {
+            c.sinks.push_back(std::make_shared<CountingSink>());
+            Take(c.engine->Attach(ids[i], parley::DeviceId(1), c.sinks[i], {}),
+                 "Attach");
+          }
+        });
+  }
+  const size_t threads = static_cast<size_t>(state.threads());
+  const size_t per_thread = members / threads;
+  size_t k = 0;
+  for (auto _ : state) {
+    auto* c = static_cast<RegistryCase*>(g_case.get());
+    const size_t i = state.thread_index() + threads * (k++ % per_thread);
+    const parley::UserId u(i + 1);
+    Check(c->engine->Detach(u, parley::DeviceId(1)), "Detach");
+    Take(c->engine->Attach(u, parley::DeviceId(1), c->sinks[i], {}), "Attach");
+  }
+  state.counters["pairs"] = benchmark::Counter(
+      static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+
 class Collector final : public benchmark::ConsoleReporter {
  public:
   struct Result {
@@ -1486,6 +1560,13 @@ void Register() {
       "catchup/raw_log_scan",
       [](benchmark::State& s) { BM_CatchupRaw(s, false); })
       ->UseManualTime()->Iterations(kCatchupRounds * 3);
+  for (size_t n : kRegistrySizes) {
+    auto* b = benchmark::RegisterBenchmark(
+        ("registry/attach_detach/f" + std::to_string(n) + "/parley").c_str(),
+        [n](benchmark::State& s) { BM_AttachDetach(s, n); });
+    b->UseRealTime()->MeasureProcessCPUTime();
+    if (n == 1000) b->Threads(1)->Threads(2);
+  }
   for (auto mode : {parley::FanoutMode::kWrite, parley::FanoutMode::kRead}) {
     benchmark::RegisterBenchmark(
         (std::string("catchup_groups/") +

@@ -64,6 +64,9 @@ struct EngineStats {
   uint64_t cached_conversations = 0;
   uint64_t conversation_loads = 0;  // cache misses served from storage
   uint64_t attached_devices = 0;
+  // (device, fan-out-on-read conversation) pairs the delivery registry
+  // offers entries to; 0 once every device detached.
+  uint64_t conversation_follows = 0;
   uint64_t deliveries = 0;          // first deliveries handed to sinks
   uint64_t redeliveries = 0;        // retries after an ack timeout
   uint64_t acks = 0;                // acks that moved a position

@@ -18,14 +18,49 @@ namespace parley {
 
 using namespace delivery_internal;  // NOLINT: this folder's own helpers
 
+namespace {
+
+// A fixed 64-bit mix (splitmix64's finalizer): shard choice must not depend
+// on the process (absl::Hash is seeded per process), or a seeded run would
+// draw its jitter from other generators on every run.
+uint64_t Mix(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebULL;
+  x ^= x >> 31;
+  return x;
+}
+
+constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
+
+}  // namespace
+
+size_t DeliveryManager::UserShard(uint64_t u) {
+  return Mix(u) & (kShards - 1);
+}
+
+size_t DeliveryManager::ConversationShard(uint64_t c) {
+  // Another mix than users' (ids of both kinds are small integers).
+  return Mix(c ^ kGolden) & (kShards - 1);
+}
+
+size_t DeliveryManager::DeviceShard(const DeviceKey& key) {
+  return Mix(Mix(key.first) ^ key.second) & (kShards - 1);
+}
+
 DeliveryManager::DeliveryManager(const Options& options, Storage* storage,
                                  Clock* clock, HeadSource* heads)
     : options_(options),
       storage_(storage),
       clock_(clock),
       heads_(heads),
-      write_options_{.sync = options.durability == Durability::kSync},
-      rng_(options.random_seed) {}
+      write_options_{.sync = options.durability == Durability::kSync} {
+  for (size_t i = 0; i < kShards; ++i) {
+    MutexLock lock(&timers_[i].mu);
+    timers_[i].rng.seed(Mix(options.random_seed + kGolden * (i + 1)));
+  }
+}
 
 DeliveryManager::~DeliveryManager() = default;
 
@@ -33,46 +68,90 @@ DeliveryManager::~DeliveryManager() = default;
 // Registry
 
 DeliveryManager::DevicePtr DeliveryManager::Find(UserId u, DeviceId d) {
-  MutexLock lock(&registry_mu_);
-  auto it = devices_.find(DeviceKey(u.value(), d.value()));
-  return it == devices_.end() ? nullptr : it->second;
+  RegistryShard& shard = UserShardOf(u.value());
+  MutexLock lock(&shard.mu);
+  auto it = shard.devices.find(DeviceKey(u.value(), d.value()));
+  return it == shard.devices.end() ? nullptr : it->second;
 }
 
 std::vector<DeliveryManager::DevicePtr> DeliveryManager::DevicesOf(UserId u) {
-  MutexLock lock(&registry_mu_);
-  auto it = by_user_.find(u.value());
-  return it == by_user_.end() ? std::vector<DevicePtr>() : it->second;
+  RegistryShard& shard = UserShardOf(u.value());
+  MutexLock lock(&shard.mu);
+  auto it = shard.by_user.find(u.value());
+  return it == shard.by_user.end() ? std::vector<DevicePtr>() : it->second;
+}
+
+std::vector<DeliveryManager::DevicePtr> DeliveryManager::FollowersOf(
+    uint64_t c) {
+  std::vector<DevicePtr> out;
+  {
+    RegistryShard& shard = ConversationShardOf(c);
+    MutexLock lock(&shard.mu);
+    auto it = shard.followers.find(c);
+    if (it == shard.followers.end()) return out;
+    out.reserve(it->second.size());
+    for (const auto& [key, d] : it->second) out.push_back(d);
+  }
+  // The order devices are offered an entry decides which device draws which
+  // jitter value from a timer shard's generator: hash order (which varies
+  // per process) would make a seeded history replay differently. Devices
+  // (user, device) order keeps small conversations, all a seeded history
+  // has, replayable; a large one is offered in hash order rather than pay a
+  // sort per entry (each device's own order is never affected).
+  if (out.size() <= kSortedFollowersMax) {
+    std::sort(out.begin(), out.end(),
+              [](const DevicePtr& a, const DevicePtr& b) {
+                return DeviceKey(a->user.value(), a->device.value()) <
+                       DeviceKey(b->user.value(), b->device.value());
+              });
+  }
+  return out;
 }
 
 bool DeliveryManager::AnyOnline(UserId u) {
-  MutexLock lock(&registry_mu_);
-  return by_user_.contains(u.value());
+  RegistryShard& shard = UserShardOf(u.value());
+  MutexLock lock(&shard.mu);
+  return shard.by_user.contains(u.value());
 }
 
 bool DeliveryManager::AnyOnline(ConversationId c) {
-  MutexLock lock(&registry_mu_);
-  return by_conversation_.contains(c.value());
+  RegistryShard& shard = ConversationShardOf(c.value());
+  MutexLock lock(&shard.mu);
+  return shard.followers.contains(c.value());
 }
 
 uint64_t DeliveryManager::attached() {
-  MutexLock lock(&registry_mu_);
   uint64_t n = 0;
-  for (const auto& [u, list] : by_user_) n += list.size();
+  for (RegistryShard& shard : registry_) {
+    MutexLock lock(&shard.mu);
+    for (const auto& [u, list] : shard.by_user) n += list.size();
+  }
+  return n;
+}
+
+uint64_t DeliveryManager::follows() {
+  uint64_t n = 0;
+  for (RegistryShard& shard : registry_) {
+    MutexLock lock(&shard.mu);
+    for (const auto& [c, set] : shard.followers) n += set.size();
+  }
   return n;
 }
 
 void DeliveryManager::Follow(const DevicePtr& d, uint64_t c) {
-  MutexLock lock(&registry_mu_);
-  by_conversation_[c].try_emplace(DeviceKey(d->user.value(), d->device.value()),
-                                  d);
+  RegistryShard& shard = ConversationShardOf(c);
+  MutexLock lock(&shard.mu);
+  // The live object wins over a stale one of the same device.
+  shard.followers[c][DeviceKey(d->user.value(), d->device.value())] = d;
 }
 
 void DeliveryManager::Unfollow(const DevicePtr& d, uint64_t c) {
-  MutexLock lock(&registry_mu_);
-  auto it = by_conversation_.find(c);
-  if (it == by_conversation_.end()) return;
+  RegistryShard& shard = ConversationShardOf(c);
+  MutexLock lock(&shard.mu);
+  auto it = shard.followers.find(c);
+  if (it == shard.followers.end()) return;
   it->second.erase(DeviceKey(d->user.value(), d->device.value()));
-  if (it->second.empty()) by_conversation_.erase(it);
+  if (it->second.empty()) shard.followers.erase(it);
 }
 
 // ---------------------------------------------------------------------------
@@ -89,9 +168,11 @@ absl::StatusOr<AttachResult> DeliveryManager::Attach(
   // sink is still being called) reuses it, so one drain loop serves all
   // generations.
   DevicePtr dev;
+  RegistryShard& shard = UserShardOf(u.value());
   {
-    MutexLock lock(&registry_mu_);
-    auto [it, inserted] = devices_.try_emplace(DeviceKey(u.value(), d.value()));
+    MutexLock lock(&shard.mu);
+    auto [it, inserted] =
+        shard.devices.try_emplace(DeviceKey(u.value(), d.value()));
     if (inserted) it->second = std::make_shared<Device>(u, d);
     dev = it->second;
   }
@@ -104,8 +185,8 @@ absl::StatusOr<AttachResult> DeliveryManager::Attach(
     {
       // The object may have left the registry between the lookup and the
       // lock (a detach finished draining): put it back.
-      MutexLock rlock(&registry_mu_);
-      devices_[DeviceKey(u.value(), d.value())] = dev;
+      MutexLock rlock(&shard.mu);
+      shard.devices[DeviceKey(u.value(), d.value())] = dev;
     }
     dev->sink = std::move(sink);
     dev->attached = true;
@@ -140,9 +221,9 @@ absl::Status DeliveryManager::Detach(UserId u, DeviceId d) {
 
 void DeliveryManager::DetachAll() {
   std::vector<DeviceKey> keys;
-  {
-    MutexLock lock(&registry_mu_);
-    for (const auto& [k, v] : devices_) keys.push_back(k);
+  for (RegistryShard& shard : registry_) {
+    MutexLock lock(&shard.mu);
+    for (const auto& [k, v] : shard.devices) keys.push_back(k);
   }
   for (const auto& k : keys) {
     absl::Status s = Detach(UserId(k.first), DeviceId(k.second));
@@ -153,7 +234,7 @@ void DeliveryManager::DetachAll() {
 // ---------------------------------------------------------------------------
 // Timers
 
-int64_t DeliveryManager::RetryDelayMicros(uint32_t attempt) {
+int64_t DeliveryManager::RetryDelayMicros(const Device& d, uint32_t attempt) {
   const double base = static_cast<double>(
       std::chrono::duration_cast<std::chrono::microseconds>(
           options_.ack_timeout)
@@ -165,10 +246,11 @@ int64_t DeliveryManager::RetryDelayMicros(uint32_t attempt) {
   double delay = std::min(cap, base * std::ldexp(1.0, std::min<int>(
                                                           attempt - 1, 30)));
   if (options_.retry_jitter > 0) {
-    MutexLock lock(&timers_mu_);
+    TimerShard& shard = TimerShardOf(d);
+    MutexLock lock(&shard.mu);
     std::uniform_real_distribution<double> jitter(1 - options_.retry_jitter,
                                                   1 + options_.retry_jitter);
-    delay *= jitter(rng_);
+    delay *= jitter(shard.rng);
   }
   return std::max<int64_t>(1, static_cast<int64_t>(delay));
 }
@@ -176,35 +258,46 @@ int64_t DeliveryManager::RetryDelayMicros(uint32_t attempt) {
 void DeliveryManager::Schedule(Device& d, int64_t due) {
   if (d.scheduled_due != 0 && d.scheduled_due <= due) return;
   const DeviceKey key(d.user.value(), d.device.value());
-  MutexLock lock(&timers_mu_);
-  if (d.scheduled_due != 0) timers_.erase({d.scheduled_due, key});
+  TimerShard& shard = TimerShardOf(d);
+  MutexLock lock(&shard.mu);
+  if (d.scheduled_due != 0) shard.timers.erase({d.scheduled_due, key});
   d.scheduled_due = due;
-  timers_.insert({due, key});
+  shard.timers.insert({due, key});
 }
 
 void DeliveryManager::Unschedule(Device& d) {
   if (d.scheduled_due == 0) return;
-  MutexLock lock(&timers_mu_);
-  timers_.erase({d.scheduled_due, DeviceKey(d.user.value(), d.device.value())});
+  TimerShard& shard = TimerShardOf(d);
+  MutexLock lock(&shard.mu);
+  shard.timers.erase(
+      {d.scheduled_due, DeviceKey(d.user.value(), d.device.value())});
   d.scheduled_due = 0;
 }
 
 std::optional<Timestamp> DeliveryManager::NextTimerDue() {
-  MutexLock lock(&timers_mu_);
-  if (timers_.empty()) return std::nullopt;
-  return Timestamp(std::chrono::microseconds(timers_.begin()->first));
+  std::optional<int64_t> next;
+  for (TimerShard& shard : timers_) {
+    MutexLock lock(&shard.mu);
+    if (shard.timers.empty()) continue;
+    const int64_t due = shard.timers.begin()->first;
+    if (!next.has_value() || due < *next) next = due;
+  }
+  if (!next.has_value()) return std::nullopt;
+  return Timestamp(std::chrono::microseconds(*next));
 }
 
 size_t DeliveryManager::ProcessTimers() {
   const int64_t now = Micros(clock_->Now());
   std::vector<DeviceKey> due;
-  {
-    MutexLock lock(&timers_mu_);
-    while (!timers_.empty() && timers_.begin()->first <= now) {
-      due.push_back(timers_.begin()->second);
-      timers_.erase(timers_.begin());
+  for (TimerShard& shard : timers_) {
+    MutexLock lock(&shard.mu);
+    while (!shard.timers.empty() && shard.timers.begin()->first <= now) {
+      due.push_back(shard.timers.begin()->second);
+      shard.timers.erase(shard.timers.begin());
     }
   }
+  // Device order, whatever the shards: a seeded run replays the same
+  // redeliveries (and jitter draws) in the same order.
   std::sort(due.begin(), due.end());
   due.erase(std::unique(due.begin(), due.end()), due.end());
   size_t redelivered = 0;
@@ -227,7 +320,7 @@ size_t DeliveryManager::ProcessTimers() {
           }
           if (f->deadline <= now) {
             ++f->attempt;
-            f->deadline = now + RetryDelayMicros(f->attempt);
+            f->deadline = now + RetryDelayMicros(*d, f->attempt);
             Delivery out;
             out.user = d->user;
             out.device = d->device;
@@ -263,15 +356,7 @@ void DeliveryManager::SendEvent(UserId to, UserId except_user,
 void DeliveryManager::SendConversationEvent(ConversationId c,
                                             UserId except_user,
                                             DeviceId except, const Event& e) {
-  std::vector<DevicePtr> followers;
-  {
-    MutexLock lock(&registry_mu_);
-    auto it = by_conversation_.find(c.value());
-    if (it == by_conversation_.end()) return;
-    followers.reserve(it->second.size());
-    for (const auto& [key, d] : it->second) followers.push_back(d);
-  }
-  for (const DevicePtr& d : followers) {
+  for (const DevicePtr& d : FollowersOf(c.value())) {
     if (d->user == except_user && d->device == except) continue;
     {
       MutexLock lock(&d->mu);

@@ -31,11 +31,17 @@
 // generation), so there is only ever one drain loop per device and a sink is
 // never entered twice at once. Sinks are called outside every lock.
 //
+// Registry and timers are sharded (kShards each, by a fixed hash so that a
+// seeded run draws the same jitter on every run): devices and their user's
+// list by user, followers by conversation, timers and their jitter
+// generator by device. Each operation takes one shard lock at a time.
+//
 // Lock order (all of parley's locks: docs/DESIGN.md, "Locks"): a device's
 // records lock (RecordsMu: ForgetDevice, pull-mode acks, Sync), then
-// Device::mu, then registry_mu_ or timers_mu_ (never the other way);
-// sequencer state locks (through HeadSource) may be taken under either of
-// the first two, and the sequencer never calls delivery while holding one.
+// Device::mu, then one registry or timer shard lock (never the other way,
+// never two shard locks at once); sequencer state locks (through
+// HeadSource) may be taken under either of the first two, and the
+// sequencer never calls delivery while holding one.
 
 #ifndef PARLEY_LIB_DELIVERY_DELIVERY_MANAGER_H_
 #define PARLEY_LIB_DELIVERY_DELIVERY_MANAGER_H_
@@ -115,6 +121,9 @@ class DeliveryManager final : public FeedListener {
   void DetachAll();
 
   uint64_t attached();
+  // (device, conversation) pairs in the follower sets (a test hook: back to
+  // zero once every device detached).
+  uint64_t follows();
   uint64_t deliveries() const { return deliveries_.load(); }
   uint64_t redeliveries() const { return redeliveries_.load(); }
   uint64_t acks() const { return acks_.load(); }
@@ -164,11 +173,11 @@ class DeliveryManager final : public FeedListener {
     std::shared_ptr<DeliverySink> sink ABSL_GUARDED_BY(mu);
     bool attached ABSL_GUARDED_BY(mu) = false;
     bool pull ABSL_GUARDED_BY(mu) = false;  // a Sync page, not a session
-    bool registered ABSL_GUARDED_BY(mu) = false;  // in devices_
+    bool registered ABSL_GUARDED_BY(mu) = false;  // in its shard's devices
     size_t window ABSL_GUARDED_BY(mu) = 0;
     Stream user_stream ABSL_GUARDED_BY(mu);
     // Read fan-out conversations with something left to deliver; the
-    // device follows exactly these (by_conversation_).
+    // device follows exactly these (RegistryShard::followers).
     absl::btree_map<uint64_t, Stream> conversations ABSL_GUARDED_BY(mu);
     // Conversations known to be finished for this device: the version of
     // the ranges that said so (older feed records are ignored).
@@ -209,7 +218,8 @@ class DeliveryManager final : public FeedListener {
   // Whether seq `seq` of c waits for its ranges to be re-read.
   static bool Unknown(const Device& d, uint64_t c, uint64_t seq)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
-  // Takes d out of devices_ (if it is still the registered object).
+  // Takes d out of its shard's devices (if it is still the registered
+  // object).
   void UnregisterLocked(const DevicePtr& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d->mu);
   // Removes the "nothing to deliver here" placeholders a failed fetch put in.
   static void DropPlaceholders(Stream& s, const std::vector<uint64_t>& placed);
@@ -241,7 +251,8 @@ class DeliveryManager final : public FeedListener {
   void Schedule(Device& d, int64_t due) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
   // Forgets the device's timer (nothing left in flight).
   void Unschedule(Device& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
-  int64_t RetryDelayMicros(uint32_t attempt);
+  // Draws from the jitter generator of d's timer shard.
+  int64_t RetryDelayMicros(const Device& d, uint32_t attempt);
   // Queues `e` for each attached device but the excepted one, then drains.
   void PushEvent(const std::vector<DevicePtr>& devices, UserId except_user,
                  DeviceId except, const Event& e);
@@ -267,6 +278,10 @@ class DeliveryManager final : public FeedListener {
   // against each other (devices.cc). Taken before any Device::mu.
   Mutex& RecordsMu(UserId u, DeviceId d);
   std::vector<DevicePtr> DevicesOf(UserId u);
+  // The followers of c, copied under its shard lock; in DeviceKey order
+  // when there are at most kSortedFollowersMax of them (see
+  // delivery_manager.cc).
+  std::vector<DevicePtr> FollowersOf(uint64_t c);
 
   const Options& options_;
   Storage* const storage_;
@@ -274,21 +289,48 @@ class DeliveryManager final : public FeedListener {
   HeadSource* const heads_;
   const StorageWriteOptions write_options_;
 
-  Mutex registry_mu_;
-  absl::flat_hash_map<DeviceKey, DevicePtr> devices_
-      ABSL_GUARDED_BY(registry_mu_);
-  absl::flat_hash_map<uint64_t, std::vector<DevicePtr>> by_user_
-      ABSL_GUARDED_BY(registry_mu_);
-  // Followers of each read fan-out conversation, in device order (output
-  // never depends on hash order; insert and erase are O(log n)).
-  absl::flat_hash_map<uint64_t, absl::btree_map<DeviceKey, DevicePtr>>
-      by_conversation_ ABSL_GUARDED_BY(registry_mu_);
+  // A power of two; shards are picked by a fixed mix of the ids (not
+  // absl::Hash, which is seeded per process).
+  static constexpr size_t kShards = 16;
+  static_assert((kShards & (kShards - 1)) == 0, "a power of two");
+  // Sorting a follower snapshot keeps small seeded runs replayable; past
+  // this size the offers go in hash order (see FollowersOf).
+  static constexpr size_t kSortedFollowersMax = 64;
+  static size_t UserShard(uint64_t u);
+  static size_t ConversationShard(uint64_t c);
+  static size_t DeviceShard(const DeviceKey& key);
 
   std::array<Mutex, 16> records_mu_;  // by hash of (user, device)
 
-  Mutex timers_mu_;
-  std::set<std::pair<int64_t, DeviceKey>> timers_ ABSL_GUARDED_BY(timers_mu_);
-  std::mt19937_64 rng_ ABSL_GUARDED_BY(timers_mu_);
+  // One lock guards a shard's devices and user lists (the users that hash
+  // to it) and its follower sets (the conversations that hash to it).
+  struct RegistryShard {
+    Mutex mu;
+    absl::flat_hash_map<DeviceKey, DevicePtr> devices ABSL_GUARDED_BY(mu);
+    absl::flat_hash_map<uint64_t, std::vector<DevicePtr>> by_user
+        ABSL_GUARDED_BY(mu);
+    // Followers of each read fan-out conversation: O(1) expected to add or
+    // remove one; never empty (an emptied set is erased).
+    absl::flat_hash_map<uint64_t, absl::flat_hash_map<DeviceKey, DevicePtr>>
+        followers ABSL_GUARDED_BY(mu);
+  };
+  RegistryShard& UserShardOf(uint64_t u) { return registry_[UserShard(u)]; }
+  RegistryShard& ConversationShardOf(uint64_t c) {
+    return registry_[ConversationShard(c)];
+  }
+  std::array<RegistryShard, kShards> registry_;
+
+  // Devices with deadlines, by device; each shard has its own jitter
+  // generator, seeded from Options::random_seed and the shard's index.
+  struct TimerShard {
+    Mutex mu;
+    std::set<std::pair<int64_t, DeviceKey>> timers ABSL_GUARDED_BY(mu);
+    std::mt19937_64 rng ABSL_GUARDED_BY(mu);
+  };
+  TimerShard& TimerShardOf(const Device& d) {
+    return timers_[DeviceShard(DeviceKey(d.user.value(), d.device.value()))];
+  }
+  std::array<TimerShard, kShards> timers_;
 
   std::atomic<uint64_t> deliveries_{0};
   std::atomic<uint64_t> redeliveries_{0};

@@ -37,18 +37,19 @@ absl::Status DeliveryManager::ForgetDevice(UserId u, DeviceId d) {
   // replaced there meanwhile by another is given up for that one.
   const DeviceKey key(u.value(), d.value());
   DevicePtr dev;
+  RegistryShard& shard = UserShardOf(u.value());
   while (true) {
     {
-      MutexLock lock(&registry_mu_);
-      auto [it, inserted] = devices_.try_emplace(key);
+      MutexLock lock(&shard.mu);
+      auto [it, inserted] = shard.devices.try_emplace(key);
       if (inserted) it->second = std::make_shared<Device>(u, d);
       dev = it->second;
     }
     dev->mu.Lock();
     bool current;
     {
-      MutexLock lock(&registry_mu_);
-      auto [it, inserted] = devices_.try_emplace(key, dev);
+      MutexLock lock(&shard.mu);
+      auto [it, inserted] = shard.devices.try_emplace(key, dev);
       current = it->second == dev;
     }
     if (current) break;

@@ -109,7 +109,7 @@ absl::Status DeliveryManager::FetchConversation(Device& d, Stream& s,
 
 void DeliveryManager::Send(Device& d, Stream& s, uint64_t position,
                            Pending item) {
-  const int64_t due = Micros(clock_->Now()) + RetryDelayMicros(1);
+  const int64_t due = Micros(clock_->Now()) + RetryDelayMicros(d, 1);
   Delivery out;
   out.user = d.user;
   out.device = d.device;
@@ -283,15 +283,8 @@ void DeliveryManager::PublishConversation(const FeedRecord& record) {
     }
   }
   if (record.mode != FanoutMode::kRead) return;
-  std::vector<DevicePtr> followers;
-  {
-    MutexLock lock(&registry_mu_);
-    auto it = by_conversation_.find(c.value());
-    if (it == by_conversation_.end()) return;
-    followers.reserve(it->second.size());
-    for (const auto& [key, d] : it->second) followers.push_back(d);
-  }
-  for (const DevicePtr& d : followers) {
+  // A snapshot: offers go out with no registry lock held.
+  for (const DevicePtr& d : FollowersOf(c.value())) {
     {
       MutexLock lock(&d->mu);
       if (!d->attached) continue;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "common/check.h"
 #include "common/coding.h"
@@ -56,8 +57,9 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
   // The device is registered (for the feed) before any head is read: every
   // commit is either in what is read below or published to it afterwards.
   if (follow) {
-    MutexLock lock(&registry_mu_);
-    by_user_[u.value()].push_back(dev);
+    RegistryShard& shard = UserShardOf(u.value());
+    MutexLock lock(&shard.mu);
+    shard.by_user[u.value()].push_back(dev);
   }
 
   // User stream.
@@ -108,6 +110,12 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
   std::map<uint64_t, uint64_t> finished;  // conversation -> position
   for (ConversationId c : candidates) {
     if (follow) Follow(dev, c.value());
+    // Until c gets a stream below, leaving this iteration (finished, or an
+    // error) must not leave the device following c: ResetLocked unfollows
+    // only the conversations it has streams for.
+    absl::Cleanup unfollow = [&] {
+      if (follow) Unfollow(dev, c.value());
+    };
     // Head first, then the ranges: they reflect every change up to it.
     auto head = heads_->ConversationHead(c);
     if (!head.ok()) return head.status();
@@ -135,7 +143,6 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
     bool creset = cpos > *head;
     if (creset) cpos = *head;
     if (ranges.empty() || RangesDone(ranges, cpos)) {
-      if (follow) Unfollow(dev, c.value());
       dev->done_versions[c.value()] = version;
       if (!ranges.empty()) finished[c.value()] = cpos;
       continue;
@@ -162,6 +169,7 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
     Stream& cs = dev->conversations.try_emplace(c.value(),
                                                 StreamId::Conversation(c))
                      .first->second;
+    std::move(unfollow).Cancel();
     cs.acked = cs.sent = cpos;
     cs.known_head = *head;
     cs.ranges = std::move(ranges);
@@ -188,19 +196,17 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
 void DeliveryManager::ResetLocked(const DevicePtr& d) {
   Unschedule(*d);
   d->generation.fetch_add(1, std::memory_order_acq_rel);
+  // One shard lock at a time: each followed conversation's, then the
+  // user's (O(1) expected each, whatever the number of followers).
+  for (const auto& [c, s] : d->conversations) Unfollow(d, c);
   {
-    MutexLock lock(&registry_mu_);
-    for (const auto& [c, s] : d->conversations) {
-      auto it = by_conversation_.find(c);
-      if (it == by_conversation_.end()) continue;
-      it->second.erase(DeviceKey(d->user.value(), d->device.value()));
-      if (it->second.empty()) by_conversation_.erase(it);
-    }
-    auto it = by_user_.find(d->user.value());
-    if (it != by_user_.end()) {
+    RegistryShard& shard = UserShardOf(d->user.value());
+    MutexLock lock(&shard.mu);
+    auto it = shard.by_user.find(d->user.value());
+    if (it != shard.by_user.end()) {
       auto& list = it->second;
       list.erase(std::remove(list.begin(), list.end(), d), list.end());
-      if (list.empty()) by_user_.erase(it);
+      if (list.empty()) shard.by_user.erase(it);
     }
   }
   d->outbox.clear();
@@ -215,9 +221,10 @@ void DeliveryManager::ResetLocked(const DevicePtr& d) {
 
 void DeliveryManager::UnregisterLocked(const DevicePtr& d) {
   d->registered = false;
-  MutexLock lock(&registry_mu_);
-  auto it = devices_.find(DeviceKey(d->user.value(), d->device.value()));
-  if (it != devices_.end() && it->second == d) devices_.erase(it);
+  RegistryShard& shard = UserShardOf(d->user.value());
+  MutexLock lock(&shard.mu);
+  auto it = shard.devices.find(DeviceKey(d->user.value(), d->device.value()));
+  if (it != shard.devices.end() && it->second == d) shard.devices.erase(it);
 }
 
 void DeliveryManager::ApplyRangesLocked(const DevicePtr& d, ConversationId c,

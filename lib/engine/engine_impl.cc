@@ -182,6 +182,7 @@ EngineStats EngineImpl::GetStats() {
   s.cached_conversations = sequencer_.cached_conversations();
   s.conversation_loads = sequencer_.loads();
   s.attached_devices = delivery_.attached();
+  s.conversation_follows = delivery_.follows();
   s.deliveries = delivery_.deliveries();
   s.redeliveries = delivery_.redeliveries();
   s.acks = delivery_.acks();

@@ -774,56 +774,6 @@ TEST_CASE("rocksdb storage: a database in use by this process is refused",
   CHECK(third.ok());
 }
 
-TEST_CASE("rocksdb storage: a database in use by another process is refused",
-          "[storage][rocksdb]") {
-  TempDir dir;
-  auto clock = std::make_shared<ManualClock>();
-  {
-    auto created = OpenRocksDbStorage(TestRocksOptions(dir.path()), clock);
-    REQUIRE(created.ok());
-    REQUIRE((*created)->Close().ok());
-  }
-  // Another process holds the lock the way RocksDB takes it (an fcntl
-  // write lock on LOCK): python's lockf is the same kind of lock.
-  int out[2];
-  REQUIRE(pipe(out) == 0);
-  const std::string lock_path = dir.path() + "/LOCK";
-  const pid_t child = fork();
-  REQUIRE(child >= 0);
-  if (child == 0) {
-    dup2(out[1], 1);
-    close(out[0]);
-    execlp("python3", "python3", "-c",
-           "import fcntl, sys, time\n"
-           "f = open(sys.argv[1], 'r+')\n"
-           "fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
-           "print('locked', flush=True)\n"
-           "time.sleep(60)\n",
-           lock_path.c_str(), static_cast<char*>(nullptr));
-    _exit(127);
-  }
-  close(out[1]);
-  char buf[16] = {};
-  const ssize_t n = read(out[0], buf, sizeof(buf) - 1);
-  close(out[0]);
-  const bool locked = n > 0 && std::string(buf, n).rfind("locked", 0) == 0;
-  absl::Status status = absl::OkStatus();
-  if (locked) {
-    auto opened = OpenRocksDbStorage(TestRocksOptions(dir.path()), clock);
-    status = opened.status();
-  }
-  kill(child, SIGKILL);
-  waitpid(child, nullptr, 0);
-  REQUIRE(locked);
-  INFO(status.ToString());
-  CHECK(absl::IsFailedPrecondition(status));
-  CHECK(std::string(status.message()).find("is in use") != std::string::npos);
-  // Free again once the other process is gone.
-  auto reopened = OpenRocksDbStorage(TestRocksOptions(dir.path()), clock);
-  INFO(reopened.status().ToString());
-  CHECK(reopened.ok());
-}
-
 TEST_CASE("rocksdb storage: opening a missing database without create is "
           "NotFound",
           "[storage][rocksdb]") {

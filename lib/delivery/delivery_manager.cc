@@ -263,6 +263,23 @@ void DeliveryManager::Schedule(Device& d, int64_t due) {
   if (d.scheduled_due != 0) shard.timers.erase({d.scheduled_due, key});
   d.scheduled_due = due;
   shard.timers.insert({due, key});
+  // After the insert: a ProcessTimers that starts (and resets announced_)
+  // before this point either sees the timer or leaves it for the
+  // NextTimerDue its caller makes next.
+  if (wakeup_ && LowerAnnounced(due)) {
+    wakeup_(Timestamp(std::chrono::microseconds(due)));
+  }
+}
+
+bool DeliveryManager::LowerAnnounced(int64_t due) {
+  int64_t cur = announced_.load(std::memory_order_acquire);
+  while (due < cur) {
+    if (announced_.compare_exchange_weak(cur, due,
+                                         std::memory_order_acq_rel)) {
+      return true;
+    }
+  }
+  return false;
 }
 
 void DeliveryManager::Unschedule(Device& d) {
@@ -283,10 +300,16 @@ std::optional<Timestamp> DeliveryManager::NextTimerDue() {
     if (!next.has_value() || due < *next) next = due;
   }
   if (!next.has_value()) return std::nullopt;
+  // The caller now knows of *next: a later timer need not wake it.
+  LowerAnnounced(*next);
   return Timestamp(std::chrono::microseconds(*next));
 }
 
 size_t DeliveryManager::ProcessTimers() {
+  // Before the scan: whatever is armed from here on is announced again (the
+  // caller learns the rest from NextTimerDue afterwards).
+  announced_.store(std::numeric_limits<int64_t>::max(),
+                   std::memory_order_release);
   const int64_t now = Micros(clock_->Now());
   std::vector<DeviceKey> due;
   for (TimerShard& shard : timers_) {

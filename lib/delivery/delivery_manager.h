@@ -49,6 +49,8 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -90,6 +92,12 @@ class DeliveryManager final : public FeedListener {
   absl::Status ForgetDevice(UserId u, DeviceId d);
   size_t ProcessTimers();
   std::optional<Timestamp> NextTimerDue();
+  // Called (with locks held; see Options::timer_wakeup) when a timer is
+  // armed earlier than every due time announced or returned by
+  // NextTimerDue since ProcessTimers last started. Set before first use.
+  void SetTimerWakeup(std::function<void(Timestamp)> wakeup) {
+    wakeup_ = std::move(wakeup);
+  }
 
   // The commit feed: a committed record, once per queue it is in, in that
   // queue's order (never concurrently for one conversation or one user).
@@ -331,6 +339,13 @@ class DeliveryManager final : public FeedListener {
     return timers_[DeviceShard(DeviceKey(d.user.value(), d.device.value()))];
   }
   std::array<TimerShard, kShards> timers_;
+  // Options::timer_wakeup and the built-in timer thread's kick.
+  std::function<void(Timestamp)> wakeup_;
+  // The earliest due time (micros) the host has learned of since
+  // ProcessTimers last started; INT64_MAX: none.
+  std::atomic<int64_t> announced_{std::numeric_limits<int64_t>::max()};
+  // Lowers announced_ to `due`; true if it was later (the host must hear).
+  bool LowerAnnounced(int64_t due);
 
   std::atomic<uint64_t> deliveries_{0};
   std::atomic<uint64_t> redeliveries_{0};

@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -124,6 +125,9 @@ class EngineImpl final : public Engine {
   absl::StatusOr<Seq> ChangeMember(ConversationId c, UserId actor, UserId user,
                                    bool add);
   void Log(LogLevel level, const std::string& message) const;
+  // Options::timer_thread's loop, and its stop (Close).
+  void TimerLoop();
+  void StopTimerThread();
 
   Options options_;  // without the storage: storage_ owns it
   std::shared_ptr<Storage> storage_;  // reset by Close()
@@ -144,6 +148,13 @@ class EngineImpl final : public Engine {
   std::atomic<bool> closed_{false};
   std::atomic<int> active_ops_{0};
   bool close_done_ ABSL_GUARDED_BY(ops_mu_) = false;
+
+  // Options::timer_thread. timer_mu_ is a leaf lock: the wakeup hook takes
+  // it under delivery locks.
+  Mutex timer_mu_;
+  bool timer_kick_ ABSL_GUARDED_BY(timer_mu_) = false;
+  bool timer_stop_ ABSL_GUARDED_BY(timer_mu_) = false;
+  std::thread timer_thread_;
 
   std::atomic<uint64_t> sends_ok_{0};
   std::atomic<uint64_t> sends_duplicate_{0};

@@ -62,6 +62,10 @@ struct Options {
   // Default: nullptr = allow every member.
   std::shared_ptr<SendAuthorizer> authorizer;
 
+  // Host hook consulted on every AddMember, RemoveMember and SetMemberRole.
+  // Default: nullptr = DefaultMembershipPolicy (hooks.h).
+  std::shared_ptr<MembershipAuthorizer> membership_authorizer;
+
   // Receives the engine's log lines. Default: nullptr = silent.
   std::shared_ptr<Logger> logger;
 

@@ -41,6 +41,8 @@ class EngineImpl final : public Engine {
                                 UserId user) override;
   absl::StatusOr<Seq> RemoveMember(ConversationId conversation, UserId actor,
                                    UserId user) override;
+  absl::StatusOr<Seq> SetMemberRole(ConversationId conversation, UserId actor,
+                                    UserId user, MemberRole role) override;
   absl::StatusOr<std::vector<Member>> ListMembers(
       ConversationId conversation) override;
   absl::StatusOr<std::vector<MembershipInterval>> Membership(
@@ -121,9 +123,10 @@ class EngineImpl final : public Engine {
   static absl::StatusOr<SendResult> AnswerFromOriginal(
       const InflightSends::Outcome& original, uint64_t hash);
 
-  // Shared by AddMember and RemoveMember.
+  // Shared by AddMember, RemoveMember and SetMemberRole (`role`: the new
+  // role for kSetRole).
   absl::StatusOr<Seq> ChangeMember(ConversationId c, UserId actor, UserId user,
-                                   bool add);
+                                   MembershipChangeKind kind, MemberRole role);
   void Log(LogLevel level, const std::string& message) const;
   // Options::timer_thread's loop, and its stop (Close).
   void TimerLoop();

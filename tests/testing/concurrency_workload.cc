@@ -271,6 +271,9 @@ void Workload::Configure() {
   Rng rng(opt_.seed * 7919 + 1);
   Options& o = base_options_;
   o.clock = env_.clock();
+  // Actors here are arbitrary: who may change membership is the subject of
+  // tests/engine/membership_roles_test.cc, not of this workload.
+  o.membership_authorizer = AllowAllMembershipChanges();
   o.fanout_threshold = 3 + rng.R(2);
   o.max_in_flight_per_device = 2 + rng.R(4);
   o.durability = rng.P(0.4) ? Durability::kSync : Durability::kBuffered;

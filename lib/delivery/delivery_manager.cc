@@ -191,7 +191,8 @@ absl::StatusOr<AttachResult> DeliveryManager::Attach(
     dev->sink = std::move(sink);
     dev->attached = true;
     dev->window = options_.max_in_flight_per_device;
-    absl::Status s = Build(dev, options.resume_from, &result, /*follow=*/true);
+    absl::Status s = Build(dev, options.resume_from, &result, /*follow=*/true,
+                           options.new_device_backlog);
     if (!s.ok()) {
       dev->attached = false;
       ResetLocked(dev);
@@ -362,6 +363,11 @@ size_t DeliveryManager::ProcessTimers() {
       retry(d->user_stream);
       for (auto& [c, s] : d->conversations) retry(s);
       if (next_due != 0) Schedule(*d, next_due);
+      if (d->fetch_failed) {
+        // A catch-up read failed earlier: try again now.
+        d->fetch_failed = false;
+        Pump(*d);
+      }
     }
     Drain(d);
   }

@@ -200,6 +200,10 @@ class DeliveryManager final : public FeedListener {
     size_t outbox_events ABSL_GUARDED_BY(mu) = 0;  // Events in outbox
     bool draining ABSL_GUARDED_BY(mu) = false;
     int64_t scheduled_due ABSL_GUARDED_BY(mu) = 0;
+    // A catch-up read failed (storage error): the device's timer pumps it
+    // again after ack_timeout, so it does not wait for the next commit of
+    // one of its streams (there may be none).
+    bool fetch_failed ABSL_GUARDED_BY(mu) = false;
   };
   using DevicePtr = std::shared_ptr<Device>;
   using DeviceKey = std::pair<uint64_t, uint64_t>;  // user, device
@@ -207,8 +211,9 @@ class DeliveryManager final : public FeedListener {
   // Loads positions and ranges into `d` (fresh) and applies resets;
   // `result` gets them. With `follow`, d is registered for the feed and
   // follows the conversations it gets streams for.
+  // `backlog`: AttachOptions::new_device_backlog (0 for Sync).
   absl::Status Build(const DevicePtr& d, const std::vector<StreamPosition>& from,
-                     AttachResult* result, bool follow)
+                     AttachResult* result, bool follow, size_t backlog = 0)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(d->mu);
   // Forgets every stream and delivery of `d` and stops following.
   void ResetLocked(const DevicePtr& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d->mu);

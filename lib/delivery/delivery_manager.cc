@@ -12,41 +12,27 @@
 #include "absl/strings/str_cat.h"
 #include "common/check.h"
 #include "common/coding.h"
+#include "common/hash.h"
 #include "delivery/delivery_internal.h"
 
 namespace parley {
 
 using namespace delivery_internal;  // NOLINT: this folder's own helpers
 
-namespace {
-
-// A fixed 64-bit mix (splitmix64's finalizer): shard choice must not depend
-// on the process (absl::Hash is seeded per process), or a seeded run would
-// draw its jitter from other generators on every run.
-uint64_t Mix(uint64_t x) {
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ULL;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebULL;
-  x ^= x >> 31;
-  return x;
-}
-
-constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
-
-}  // namespace
-
+// Shards and timer seeds use a fixed mix (common/hash.h), not absl::Hash:
+// shard choice must not depend on the process, or a seeded run would draw its
+// jitter from other generators on every run.
 size_t DeliveryManager::UserShard(uint64_t u) {
-  return Mix(u) & (kShards - 1);
+  return Mix64(u) & (kShards - 1);
 }
 
 size_t DeliveryManager::ConversationShard(uint64_t c) {
   // Another mix than users' (ids of both kinds are small integers).
-  return Mix(c ^ kGolden) & (kShards - 1);
+  return Mix64(c ^ kGoldenGamma) & (kShards - 1);
 }
 
 size_t DeliveryManager::DeviceShard(const DeviceKey& key) {
-  return Mix(Mix(key.first) ^ key.second) & (kShards - 1);
+  return Mix64(Mix64(key.first) ^ key.second) & (kShards - 1);
 }
 
 DeliveryManager::DeliveryManager(const Options& options, Storage* storage,
@@ -58,7 +44,7 @@ DeliveryManager::DeliveryManager(const Options& options, Storage* storage,
       write_options_{.sync = options.durability == Durability::kSync} {
   for (size_t i = 0; i < kShards; ++i) {
     MutexLock lock(&timers_[i].mu);
-    timers_[i].rng.seed(Mix(options.random_seed + kGolden * (i + 1)));
+    timers_[i].rng.seed(Mix64(options.random_seed + kGoldenGamma * (i + 1)));
   }
 }
 

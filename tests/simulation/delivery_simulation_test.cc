@@ -107,6 +107,7 @@ const char* KindName(EntryKind k) {
     case EntryKind::kMemberAdded: return "added";
     case EntryKind::kMemberRemoved: return "removed";
     case EntryKind::kLost: return "lost";
+    case EntryKind::kRoleChanged: return "role";
   }
   return "?";
 }

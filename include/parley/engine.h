@@ -142,7 +142,10 @@ class Engine {
   // Durability for what an OK means. A retry with the same (sender, device,
   // client_message_id) and the same conversation, payload and metadata
   // returns the original result with duplicate = true, also after a restart,
-  // for Options::dedup_horizon.
+  // for Options::dedup_horizon — or until the original expires (retention),
+  // if that is sooner: a retry is never answered with an id that can no
+  // longer be fetched; one made after the original expired is stored as a
+  // new message (new id and seq).
   // InvalidArgument, NotFound, PermissionDenied, AlreadyExists (same client
   // id, other content), FailedPrecondition (closed), Unavailable.
   virtual absl::StatusOr<SendResult> Send(const SendRequest& request) = 0;

@@ -282,11 +282,14 @@ std::optional<absl::StatusOr<SendResult>> EngineImpl::ReserveSend(
   EncodeIndexValue(q.conversation, result.seq, expiry, &value);
   batch.Put(Space::kMessageIndex, keys::MessageIndexKey(result.id), value);
   value.clear();
+  // The dedup record lives for the horizon, but never longer than the
+  // message: a retry must not be answered with an id that can no longer be
+  // fetched (after the message expired, a retry stores it anew).
+  uint64_t dedup_expiry = static_cast<uint64_t>(
+      ToMicros(now) + options_.dedup_horizon.count() * 1000000);
+  if (expiry != 0) dedup_expiry = std::min(dedup_expiry, expiry);
   EncodeDedupValue({q.conversation, result.seq, result.id, now, hash},
-                   static_cast<uint64_t>(ToMicros(now) +
-                                         options_.dedup_horizon.count() *
-                                             1000000),
-                   &value);
+                   dedup_expiry, &value);
   batch.Put(Space::kDedup, dkey, value);
   value.clear();
   PutFixed64BE(&value, result.seq.value());

@@ -222,6 +222,50 @@ TEST_CASE("a retried send returns the original result also after a restart",
   }
 }
 
+TEST_CASE(
+    "a retry after the original expired is stored anew and never answered "
+    "with an id that can no longer be fetched",
+    "[send][dedup][retention]") {
+  TestEnv env(GENERATE(as<std::string>{}, "memory", "rocksdb"));
+  auto e = env.OpenEngine();
+  // Messages live one hour here; the dedup horizon is the default 7 days.
+  REQUIRE(e->CreateConversation({.id = kRoom,
+                                 .kind = ConversationKind::kGroup,
+                                 .creator = kAlice,
+                                 .members = {kAlice, kBob},
+                                 .retention = std::chrono::hours(1)})
+              .ok());
+  auto first = e->Send(Msg(kAlice, kPhone, kRoom, "c-1", "hello"));
+  REQUIRE(first.ok());
+  // Within the message's life: the original, fetchable.
+  env.clock()->Advance(std::chrono::minutes(59));
+  auto again = e->Send(Msg(kAlice, kPhone, kRoom, "c-1", "hello"));
+  REQUIRE(again.ok());
+  CHECK(again->duplicate);
+  CHECK(again->id == first->id);
+  CHECK(e->GetMessage(kBob, again->id).ok());
+  // Past it (and across a restart): a new message, and that one is
+  // fetchable; the expired original is not.
+  env.clock()->Advance(std::chrono::minutes(2));
+  REQUIRE(e->Close().ok());
+  e.reset();
+  e = env.OpenEngine();
+  CHECK(absl::IsNotFound(e->GetMessage(kBob, first->id).status()));
+  auto late = e->Send(Msg(kAlice, kPhone, kRoom, "c-1", "hello"));
+  REQUIRE(late.ok());
+  CHECK_FALSE(late->duplicate);
+  CHECK(late->id != first->id);
+  CHECK(late->seq == Seq(3));
+  auto fetched = e->GetMessage(kBob, late->id);
+  REQUIRE(fetched.ok());
+  CHECK(fetched->payload == "hello");
+  // And the new one is what retries get from now on.
+  auto retry = e->Send(Msg(kAlice, kPhone, kRoom, "c-1", "hello"));
+  REQUIRE(retry.ok());
+  CHECK(retry->duplicate);
+  CHECK(retry->id == late->id);
+}
+
 TEST_CASE("concurrent retries of one client id store one message",
           "[send][dedup]") {
   TestEnv env(GENERATE(as<std::string>{}, "memory", "rocksdb"));

@@ -114,6 +114,11 @@ struct Event {
 // and in order. It must not block (hand the data to the connection's own
 // queue); it may call back into the engine (Ack, Send, ...). It must not
 // throw.
+//
+// Delivery::entry is every kind of log entry, not only messages: kCreated,
+// kMemberAdded, kMemberRemoved, kRoleChanged (subjects and role say what
+// changed) and kLost carry an empty payload; a client shows or skips them by
+// LogEntry::kind, and acks them like any other position.
 class DeliverySink {
  public:
   DeliverySink() = default;

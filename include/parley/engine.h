@@ -210,7 +210,10 @@ class Engine {
   // everything unacked at once. A resume position past a stream's head (the
   // device kept positions that a power loss in kBuffered took back) resets
   // that stream to the head, like one too far behind (AttachResult::reset).
-  // InvalidArgument (zero ids, no sink, an unknown stream), Unavailable.
+  // A never-seen device can start some entries back instead
+  // (AttachOptions::new_device_backlog).
+  // InvalidArgument (zero ids, no sink, an unknown stream), FailedPrecondition
+  // (closed), Unavailable (nothing is attached; attach again), DataLoss.
   virtual absl::StatusOr<AttachResult> Attach(
       UserId user, DeviceId device, std::shared_ptr<DeliverySink> sink,
       const AttachOptions& options) = 0;

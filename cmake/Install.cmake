@@ -1,5 +1,5 @@
-# cmake --install: headers, the library, a CMake package (parley::parley) and
-# a pkg-config file.
+# cmake --install: headers (with the generated export.h), the library, a
+# CMake package (parley::parley) and a pkg-config file.
 include(CMakePackageConfigHelpers)
 
 install(TARGETS parley EXPORT parleyTargets
@@ -8,6 +8,8 @@ install(TARGETS parley EXPORT parleyTargets
         RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/parley
         DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+install(FILES ${PROJECT_BINARY_DIR}/include/parley/export.h
+        DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/parley)
 install(EXPORT parleyTargets NAMESPACE parley::
         DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/parley)
 

@@ -32,6 +32,7 @@
 #include <string_view>
 #include <vector>
 
+#include "parley/export.h"
 #include "parley/types.h"
 
 namespace parley {
@@ -114,7 +115,7 @@ struct Event {
 // and in order. It must not block (hand the data to the connection's own
 // queue); it may call back into the engine (Ack, Send, ...). It must not
 // throw.
-class DeliverySink {
+class PARLEY_EXPORT DeliverySink {
  public:
   DeliverySink() = default;
   DeliverySink(const DeliverySink&) = delete;
@@ -193,7 +194,7 @@ constexpr std::string_view Name(FanoutMode m) {
 // Chooses a conversation's fan-out mode whenever its membership changes.
 // Must be deterministic and thread-safe; called under engine locks, so it must
 // not block or call into the engine.
-class FanoutPolicy {
+class PARLEY_EXPORT FanoutPolicy {
  public:
   FanoutPolicy() = default;
   FanoutPolicy(const FanoutPolicy&) = delete;

@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include "absl/status/status.h"
+#include "parley/export.h"
 #include "parley/types.h"
 
 namespace parley {
@@ -15,7 +16,7 @@ namespace parley {
 // Decides whether a member may send a message. Called after validation and
 // after the engine checked that the sender is a current member; called again
 // on a retry that is not answered from the dedup record.
-class SendAuthorizer {
+class PARLEY_EXPORT SendAuthorizer {
  public:
   SendAuthorizer() = default;
   SendAuthorizer(const SendAuthorizer&) = delete;
@@ -40,7 +41,7 @@ constexpr std::string_view Name(LogLevel l) {
 }
 
 // Receives the engine's log lines. Thread-safe: called from any thread.
-class Logger {
+class PARLEY_EXPORT Logger {
  public:
   Logger() = default;
   Logger(const Logger&) = delete;

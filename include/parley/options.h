@@ -20,6 +20,7 @@
 #include "absl/status/status.h"
 #include "parley/clock.h"
 #include "parley/delivery.h"
+#include "parley/export.h"
 #include "parley/hooks.h"
 #include "parley/storage.h"
 
@@ -168,7 +169,7 @@ struct Options {
   uint64_t random_seed = 0;
 
   // Returns InvalidArgument naming the first bad field.
-  absl::Status Validate() const;
+  PARLEY_EXPORT absl::Status Validate() const;
 };
 
 }  // namespace parley

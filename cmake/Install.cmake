@@ -1,5 +1,5 @@
-# cmake --install: headers (with the generated export.h), the library, a
-# CMake package (parley::parley) and a pkg-config file.
+# cmake --install: headers (with the generated export.h and version.h), the
+# library, a CMake package (parley::parley) and a pkg-config file.
 include(CMakePackageConfigHelpers)
 
 install(TARGETS parley EXPORT parleyTargets
@@ -9,6 +9,7 @@ install(TARGETS parley EXPORT parleyTargets
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/parley
         DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 install(FILES ${PROJECT_BINARY_DIR}/include/parley/export.h
+              ${PROJECT_BINARY_DIR}/include/parley/version.h
         DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/parley)
 install(EXPORT parleyTargets NAMESPACE parley::
         DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/parley)

@@ -83,7 +83,9 @@ using SendCallback = absl::AnyInvocable<void(absl::StatusOr<SendResult>)>;
 class PARLEY_EXPORT Engine {
  public:
   // Opens an engine over options.storage, recovering its state from it.
-  // Returns InvalidArgument for bad options, Unavailable/DataLoss from storage.
+  // Returns InvalidArgument for bad options, Unavailable/DataLoss from storage,
+  // FailedPrecondition (and writes nothing) if the storage was written by a
+  // newer parley in an on-disk format this library does not know.
   static absl::StatusOr<std::unique_ptr<Engine>> Open(Options options);
 
   Engine() = default;

@@ -107,20 +107,41 @@ if(PARLEY_SHARED)
   if(NOT dynamic MATCHES "Library soname: \\[libparley\\.so\\.0\\]")
     message(FATAL_ERROR "libparley.so has no SONAME libparley.so.0:\n${dynamic}")
   endif()
-  # Only the public API is exported: every dynamic symbol belongs to one of
-  # these (include/parley/, what is marked PARLEY_EXPORT).
+  # libparley.so exports what the installed headers mark PARLEY_EXPORT and
+  # nothing else: every dynamic symbol belongs to a marked class (its
+  # members, typeinfo, vtable; nested classes included) or is a marked
+  # function (free, or a member such as Options::Validate), and every marked
+  # class and function is exported.
+  file(GLOB headers ${prefix}/include/parley/*.h)
+  set(classes)
+  set(functions)
+  foreach(h IN LISTS headers)
+    file(STRINGS ${h} marked REGEX "PARLEY_EXPORT")
+    foreach(line IN LISTS marked)
+      if(line MATCHES "^ *(class|struct) PARLEY_EXPORT ([A-Za-z0-9_]+)")
+        list(APPEND classes ${CMAKE_MATCH_2})
+      elseif(line MATCHES "^ *PARLEY_EXPORT [^(]*[ *&]([A-Za-z0-9_]+)\\(")
+        list(APPEND functions ${CMAKE_MATCH_1})
+      endif()
+    endforeach()
+  endforeach()
+  list(REMOVE_DUPLICATES functions)
+  if(NOT classes OR NOT functions)
+    message(FATAL_ERROR "found no PARLEY_EXPORT declarations in ${prefix}/include/parley")
+  endif()
+  list(JOIN classes "|" c)
+  list(JOIN functions "|" f)
   set(public_api
-    "parley::(Clock|DeliverySink|Engine|FanoutPolicy|Logger|SendAuthorizer|Storage|StorageIterator|MemoryStorage|WriteBatch)::"
-    "parley::(SystemClock|Version|DescribeMessageId(\\[abi:cxx11\\])?|NewMemoryStorage|OpenRocksDbStorage|SpaceName|SpaceHasExpiry)\\("
-    "parley::(Options|RocksDbStorageOptions)::Validate\\(\\) const$"
-    "(typeinfo|typeinfo name|vtable) for parley::(Clock|DeliverySink|Engine|FanoutPolicy|Logger|SendAuthorizer|Storage|StorageIterator|MemoryStorage|WriteBatch::Handler)$")
+    "^parley::(${c})::"
+    "^(typeinfo|typeinfo name|vtable) for parley::(${c})(::[A-Za-z0-9_]+)*$"
+    "^parley::([A-Za-z0-9_]+::)?(${f})(\\[abi:cxx11\\])?\\(")
   capture(symbols nm -D --defined-only -C --format=just-symbols ${lib})
   string(REPLACE "\n" ";" symbols "${symbols}")
   set(not_public)
   foreach(sym IN LISTS symbols)
     set(ok FALSE)
     foreach(re IN LISTS public_api)
-      if(sym MATCHES "^${re}")
+      if(sym MATCHES "${re}")
         set(ok TRUE)
         break()
       endif()
@@ -132,15 +153,25 @@ if(PARLEY_SHARED)
   list(LENGTH symbols count)
   if(not_public)
     list(JOIN not_public "\n  " not_public)
-    message(FATAL_ERROR "libparley.so exports symbols outside the public API:\n  ${not_public}")
+    message(FATAL_ERROR "libparley.so exports symbols not marked PARLEY_EXPORT:\n  ${not_public}")
   endif()
-  foreach(want "parley::Engine::Open(parley::Options)" "parley::Version()")
-    list(FIND symbols "${want}" at)
-    if(at EQUAL -1)
-      message(FATAL_ERROR "libparley.so does not export ${want}")
+  foreach(name IN LISTS classes functions)
+    set(found FALSE)
+    foreach(sym IN LISTS symbols)
+      if(sym MATCHES "^parley::([A-Za-z0-9_]+::)?${name}(::|\\[abi:cxx11\\]\\(|\\()" OR
+         sym MATCHES " for parley::${name}$")
+        set(found TRUE)
+        break()
+      endif()
+    endforeach()
+    if(NOT found)
+      message(FATAL_ERROR "libparley.so does not export ${name}, which the headers mark PARLEY_EXPORT")
     endif()
   endforeach()
-  message(STATUS "libparley.so: SONAME libparley.so.0, ${count} exported symbols, all public API")
+  list(LENGTH classes nc)
+  list(LENGTH functions nf)
+  message(STATUS "libparley.so: SONAME libparley.so.0, ${count} exported symbols, all of "
+                 "the ${nc} classes and ${nf} functions marked PARLEY_EXPORT")
 endif()
 
 # Nothing installed is on the loader's path: the shared library is found

@@ -64,7 +64,6 @@
 // runs on every lock; a diagnostic, not the default).
 
 #include <malloc.h>
-#include <stdlib.h>
 #include <time.h>
 
 #include <algorithm>
@@ -73,7 +72,7 @@
 #include <cinttypes>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -87,6 +86,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "bench_common.h"
 #include "benchmark/benchmark.h"
 #include "parley/clock.h"
 #include "parley/delivery.h"
@@ -107,6 +107,9 @@
 namespace {
 
 namespace fs = std::filesystem;
+using parley::bench::CopyDb;
+using parley::bench::NewTempDir;  // creates $PARLEY_BENCH_DIR if missing
+using parley::bench::RemoveDir;
 
 constexpr size_t kPayloadBytes = 200;
 constexpr int kAckEvery = 128;  // fan-out: sends between (untimed) acks
@@ -157,34 +160,6 @@ double WallSeconds() {
   return std::chrono::duration<double>(
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
-}
-
-fs::path NewTempDir(std::string_view tag) {
-  const char* base = std::getenv("PARLEY_BENCH_DIR");
-  fs::path pattern = (base != nullptr && *base != '\0')
-                         ? fs::path(base)
-                         : fs::temp_directory_path();
-  pattern /= "parley_bench_" + std::string(tag) + "_XXXXXX";
-  std::string buf = pattern.string();
-  if (mkdtemp(buf.data()) == nullptr) {
-    Die("mkdtemp", absl::InternalError(std::strerror(errno)));
-  }
-  return fs::path(buf);
-}
-
-void RemoveDir(const fs::path& dir) {
-  std::error_code ec;
-  fs::remove_all(dir, ec);
-}
-
-fs::path CopyDb(const fs::path& from, std::string_view tag) {
-  fs::path to = NewTempDir(tag);
-  for (const auto& entry : fs::directory_iterator(from)) {
-    if (entry.path().filename() == "LOCK") continue;
-    fs::copy(entry.path(), to / entry.path().filename(),
-             fs::copy_options::overwrite_existing);
-  }
-  return to;
 }
 
 // glibc heap bytes in use (all arenas + mmapped chunks, incl. chunk overhead).

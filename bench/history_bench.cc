@@ -18,15 +18,13 @@
 // A new iterator per page on both sides. 1 and 2 reader threads. A final
 // table prints entries/s of both and the ratio (target >= 0.7x).
 
-#include <stdlib.h>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cinttypes>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -38,6 +36,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "bench_common.h"
 #include "benchmark/benchmark.h"
 #include "parley/clock.h"
 #include "parley/engine.h"
@@ -55,6 +54,9 @@
 namespace {
 
 namespace fs = std::filesystem;
+using parley::bench::CopyDb;
+using parley::bench::NewTempDir;  // creates $PARLEY_BENCH_DIR if missing
+using parley::bench::RemoveDir;
 
 constexpr size_t kPayloadBytes = 200;
 constexpr uint64_t kMessages = 10000;
@@ -90,34 +92,6 @@ int64_t NowMicros() {
   return std::chrono::duration_cast<std::chrono::microseconds>(
              std::chrono::system_clock::now().time_since_epoch())
       .count();
-}
-
-fs::path NewTempDir(std::string_view tag) {
-  const char* base = std::getenv("PARLEY_BENCH_DIR");
-  fs::path pattern = (base != nullptr && *base != '\0')
-                         ? fs::path(base)
-                         : fs::temp_directory_path();
-  pattern /= "parley_bench_" + std::string(tag) + "_XXXXXX";
-  std::string buf = pattern.string();
-  if (mkdtemp(buf.data()) == nullptr) {
-    Die("mkdtemp", absl::InternalError(std::strerror(errno)));
-  }
-  return fs::path(buf);
-}
-
-void RemoveDir(const fs::path& dir) {
-  std::error_code ec;
-  fs::remove_all(dir, ec);
-}
-
-fs::path CopyDb(const fs::path& from, std::string_view tag) {
-  fs::path to = NewTempDir(tag);
-  for (const auto& entry : fs::directory_iterator(from)) {
-    if (entry.path().filename() == "LOCK") continue;
-    fs::copy(entry.path(), to / entry.path().filename(),
-             fs::copy_options::overwrite_existing);
-  }
-  return to;
 }
 
 // parley's log key (lib/store/keys.h): conversation | seq, big-endian.

@@ -2,15 +2,12 @@
 
 #include "bench_util.h"
 
-#include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
-#include <cstdio>
-#include <cstring>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
@@ -81,26 +78,6 @@ uint64_t Zipf::Sample(std::mt19937_64& rng) const {
   const double u = std::uniform_real_distribution<double>(0, 1)(rng);
   const auto it = std::lower_bound(cdf_.begin(), cdf_.end(), u);
   return std::min<uint64_t>(it - cdf_.begin(), cdf_.size() - 1);
-}
-
-std::filesystem::path NewTempDir(std::string_view tag) {
-  const char* base = std::getenv("PARLEY_BENCH_DIR");
-  std::filesystem::path pattern = (base != nullptr && *base != '\0')
-                                      ? std::filesystem::path(base)
-                                      : std::filesystem::temp_directory_path();
-  pattern /= "parley_peers_" + std::string(tag) + "_XXXXXX";
-  std::string buf = pattern.string();
-  if (mkdtemp(buf.data()) == nullptr) {
-    std::fprintf(stderr, "parley_bench_peers: mkdtemp %s: %s\n", buf.c_str(),
-                 std::strerror(errno));
-    std::abort();
-  }
-  return buf;
-}
-
-void RemoveDir(const std::filesystem::path& dir) {
-  std::error_code ec;
-  std::filesystem::remove_all(dir, ec);
 }
 
 }  // namespace peers

@@ -1,7 +1,8 @@
 // Small pieces shared by the peers benchmark: the message shape every system
 // sends, payload encoding (the receiver checks what it got from the payload),
-// CPU clocks (this process, and a server process from /proc), Zipf picks and
-// temporary directories.
+// CPU clocks (this process, and a server process from /proc) and Zipf picks.
+// Temporary directories come from bench/bench_common.h, as for the other
+// benchmarks.
 
 #ifndef PARLEY_BENCH_PEERS_BENCH_UTIL_H_
 #define PARLEY_BENCH_PEERS_BENCH_UTIL_H_
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "bench_common.h"
 
 namespace peers {
 
@@ -66,9 +68,11 @@ class Zipf {
   std::vector<double> cdf_;
 };
 
-// A fresh directory under $PARLEY_BENCH_DIR (default: the temp directory).
-std::filesystem::path NewTempDir(std::string_view tag);
-void RemoveDir(const std::filesystem::path& dir);
+// A fresh directory under $PARLEY_BENCH_DIR (default: the temp directory;
+// created if missing), and its removal.
+using parley::bench::MakeTempDir;
+using parley::bench::NewTempDir;
+using parley::bench::RemoveDir;
 
 }  // namespace peers
 

@@ -64,7 +64,9 @@ absl::Status ServerProcess::Start(const std::string& tag,
   Stop();
   absl::Status s = FreeLoopbackPort(&port_);
   if (!s.ok()) return s;
-  dir_ = NewTempDir(tag);
+  absl::StatusOr<std::filesystem::path> dir = MakeTempDir(tag);
+  if (!dir.ok()) return dir.status();
+  dir_ = *std::move(dir);
   for (std::string& a : argv) {
     a = absl::StrReplaceAll(
         a, {{"{port}", std::to_string(port_)}, {"{dir}", dir_.string()}});

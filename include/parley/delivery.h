@@ -131,9 +131,18 @@ struct AttachOptions {
   // stored from the device's acks, or, for a conversation stream the device
   // never had, the start of the user's fan-out-on-read stretch. Empty (and no
   // stored positions): a device the engine has never seen starts at the
-  // current heads (it fetches older history with ReadHistory). Default:
+  // current heads, or new_device_backlog entries before them. Default:
   // empty.
   std::vector<StreamPosition> resume_from;
+  // Where a device the engine has never seen (no stored positions and no
+  // resume_from) starts: this many entries before the head of each of its
+  // streams (its update stream, and each fan-out-on-read conversation
+  // within the user's membership), so a new phone shows recent messages at
+  // once; entries already expired are skipped. At most
+  // Options::max_catchup_entries. 0 = at the heads (the device fetches
+  // history with ReadHistory). Ignored for a device with stored positions.
+  // (Sync starts a never-seen device at the heads.) Default: 0.
+  size_t new_device_backlog = 0;
 };
 
 struct AttachResult {

@@ -100,20 +100,39 @@ class PARLEY_EXPORT Engine {
   virtual absl::Status CreateConversation(
       const CreateConversationRequest& request) = 0;
 
-  // Adds `user` to a group; the kMemberAdded entry's seq is returned and is
-  // the first seq the user sees. `actor` is recorded as the entry's sender.
-  // NotFound, FailedPrecondition (direct conversation), AlreadyExists (already
-  // a member), InvalidArgument (too many members), Unavailable.
+  // Adds `user` to a group as a kMember; the kMemberAdded entry's seq is
+  // returned and is the first seq the user sees. `actor` is recorded as the
+  // entry's sender and must be allowed by Options::membership_authorizer
+  // (default: any current member may add).
+  // InvalidArgument (zero ids, too many members), NotFound, FailedPrecondition
+  // (direct conversation), AlreadyExists (already a member),
+  // PermissionDenied (the authorizer said no), Unavailable.
   virtual absl::StatusOr<Seq> AddMember(ConversationId conversation,
                                         UserId actor, UserId user) = 0;
 
   // Removes `user` from a group; the kMemberRemoved entry's seq is returned
-  // and is the last seq the user sees. NotFound (conversation, or user not a
-  // member), FailedPrecondition (direct conversation), Unavailable.
+  // and is the last seq the user sees. The authorizer decides (default: a
+  // member may leave, the owner and admins may remove anyone but the owner).
+  // InvalidArgument (zero ids), NotFound (conversation, or user not a
+  // member), FailedPrecondition (direct conversation), PermissionDenied,
+  // Unavailable.
   virtual absl::StatusOr<Seq> RemoveMember(ConversationId conversation,
                                            UserId actor, UserId user) = 0;
 
-  // Current members in user id order. NotFound, Unavailable.
+  // Makes a current member of a group an admin or a plain member; the
+  // kRoleChanged entry's seq is returned (every member's devices get it, so
+  // they learn roles in log order). Setting the role a member has is a no-op
+  // that returns the head seq and writes nothing. The authorizer decides
+  // (default: the owner and admins).
+  // InvalidArgument (zero ids, role kOwner: ownership is not transferable),
+  // NotFound (conversation, or user not a member), FailedPrecondition (direct
+  // conversation, or `user` is the owner), PermissionDenied, Unavailable.
+  virtual absl::StatusOr<Seq> SetMemberRole(ConversationId conversation,
+                                            UserId actor, UserId user,
+                                            MemberRole role) = 0;
+
+  // Current members in user id order, with their roles (the creator is the
+  // kOwner). NotFound, Unavailable, DataLoss.
   virtual absl::StatusOr<std::vector<Member>> ListMembers(
       ConversationId conversation) = 0;
 
@@ -240,7 +259,9 @@ class PARLEY_EXPORT Engine {
 
   // Redelivers whatever has waited longer than its ack timeout (capped,
   // jittered exponential backoff from Options). The host calls it when
-  // NextTimerDue() passes, from any thread. Returns how many were redelivered.
+  // NextTimerDue() passes, from any thread (Options::timer_wakeup says when
+  // without polling; Options::timer_thread calls it for the host). Returns
+  // how many were redelivered.
   virtual size_t ProcessTimers() = 0;
   // When ProcessTimers next has work; nullopt if nothing is in flight.
   virtual std::optional<Timestamp> NextTimerDue() = 0;

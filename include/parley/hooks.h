@@ -5,6 +5,8 @@
 #ifndef PARLEY_HOOKS_H_
 #define PARLEY_HOOKS_H_
 
+#include <memory>
+#include <optional>
 #include <string_view>
 
 #include "absl/status/status.h"
@@ -27,6 +29,61 @@ class PARLEY_EXPORT SendAuthorizer {
   // (PermissionDenied is the expected code) and nothing is stored.
   virtual absl::Status Authorize(const SendRequest& request) = 0;
 };
+
+enum class MembershipChangeKind : uint8_t { kAdd, kRemove, kSetRole };
+
+constexpr std::string_view Name(MembershipChangeKind k) {
+  switch (k) {
+    case MembershipChangeKind::kAdd: return "add";
+    case MembershipChangeKind::kRemove: return "remove";
+    case MembershipChangeKind::kSetRole: return "set_role";
+  }
+  return "unknown";
+}
+
+// A membership change about to be made (AddMember, RemoveMember,
+// SetMemberRole), after validation: the conversation is a group, `user` is
+// (kRemove, kSetRole) or is not (kAdd) a current member.
+struct MembershipChange {
+  ConversationId conversation;
+  MembershipChangeKind kind = MembershipChangeKind::kAdd;
+  UserId actor;
+  // The actor's current role; nullopt if the actor is not a current member.
+  std::optional<MemberRole> actor_role;
+  UserId user;
+  // The user's current role (kAdd: kMember, what it will get).
+  MemberRole user_role = MemberRole::kMember;
+  // kSetRole: the role asked for (never kOwner).
+  MemberRole new_role = MemberRole::kMember;
+};
+
+// Decides who may change a conversation's membership. Called with the
+// conversation locked, so the roles it is shown are the ones the change is
+// made against.
+class MembershipAuthorizer {
+ public:
+  MembershipAuthorizer() = default;
+  MembershipAuthorizer(const MembershipAuthorizer&) = delete;
+  MembershipAuthorizer& operator=(const MembershipAuthorizer&) = delete;
+  virtual ~MembershipAuthorizer();
+
+  // OK to allow. Any other status is returned to the caller unchanged
+  // (PermissionDenied is the expected code) and nothing is stored.
+  virtual absl::Status Authorize(const MembershipChange& change) = 0;
+};
+
+// The policy used when Options::membership_authorizer is null:
+//   kAdd      any current member may add;
+//   kRemove   a member may remove itself (leave); the owner and admins may
+//             remove anyone else but the owner;
+//   kSetRole  the owner and admins may make a member an admin or an admin a
+//             member (the owner's role never changes).
+// Everything else is PermissionDenied. A host authorizer may call it and
+// add its own rules (a server-side actor that is no member, say).
+absl::Status DefaultMembershipPolicy(const MembershipChange& change);
+
+// Allows every change (for hosts that authorize before calling the engine).
+std::shared_ptr<MembershipAuthorizer> AllowAllMembershipChanges();
 
 enum class LogLevel : uint8_t { kDebug, kInfo, kWarning, kError };
 

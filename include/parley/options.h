@@ -46,6 +46,9 @@ constexpr std::string_view Name(Durability d) {
   return "unknown";
 }
 
+// See Options::timer_wakeup.
+using TimerWakeup = std::function<void(Timestamp due)>;
+
 struct Options {
   // Storage to use. Required. Shared: the same object may be handed to a new
   // engine after the old one is closed (that is how memory storage survives a
@@ -59,6 +62,10 @@ struct Options {
   // Host hook consulted on every send after the membership check.
   // Default: nullptr = allow every member.
   std::shared_ptr<SendAuthorizer> authorizer;
+
+  // Host hook consulted on every AddMember, RemoveMember and SetMemberRole.
+  // Default: nullptr = DefaultMembershipPolicy (hooks.h).
+  std::shared_ptr<MembershipAuthorizer> membership_authorizer;
 
   // Receives the engine's log lines. Default: nullptr = silent.
   std::shared_ptr<Logger> logger;
@@ -167,6 +174,28 @@ struct Options {
   size_t max_event_bytes = 1024;
   // Seed of the retry-jitter generator (deterministic tests). Default: 0.
   uint64_t random_seed = 0;
+
+  // Retry timers without polling. Called when a retry timer is armed that is
+  // due earlier than every due time the host has learned of since it last
+  // called Engine::ProcessTimers (from this hook or from NextTimerDue), so a
+  // host event loop runs ProcessTimers exactly when it is due: on a call,
+  // arm (or move earlier) a loop timer for `due`; when it fires, call
+  // ProcessTimers(), then NextTimerDue(), and arm the loop timer for what
+  // that returns. A due time is never missed that way; extra calls happen
+  // (a timer an ack cancelled). It is called on the thread that armed the
+  // timer (a send's, an ack's, ProcessTimers' own) with engine locks held:
+  // it must only hand the time over (post a task, notify a condition
+  // variable, write an eventfd), never call into the engine or block.
+  // Default: nullptr (the host polls NextTimerDue).
+  TimerWakeup timer_wakeup;
+  // Runs ProcessTimers on a thread of the engine's own, for hosts without an
+  // event loop: started by Engine::Open, stopped and joined by Close. It
+  // sleeps in real time until the earliest due time by `clock`, woken early
+  // when an earlier timer is armed, and re-reads the clock at least once a
+  // second (so a clock that jumps, like a ManualClock, is noticed within a
+  // second). Sinks are then called on that thread too. timer_wakeup, if set,
+  // is still called. Default: false.
+  bool timer_thread = false;
 
   // Returns InvalidArgument naming the first bad field.
   PARLEY_EXPORT absl::Status Validate() const;

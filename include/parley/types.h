@@ -120,6 +120,8 @@ enum class EntryKind : uint8_t {
   // gone. Written at recovery for every seq between the surviving head and
   // the stored seq limit; carries no id, sender or payload.
   kLost = 5,
+  // subjects[0]'s role became LogEntry::role (Engine::SetMemberRole).
+  kRoleChanged = 6,
 };
 
 constexpr std::string_view Name(EntryKind k) {
@@ -129,6 +131,26 @@ constexpr std::string_view Name(EntryKind k) {
     case EntryKind::kMemberAdded: return "member_added";
     case EntryKind::kMemberRemoved: return "member_removed";
     case EntryKind::kLost: return "lost";
+    case EntryKind::kRoleChanged: return "role_changed";
+  }
+  return "unknown";
+}
+
+// A member's role in a conversation, stored with its membership. What each
+// role may do is the host's MembershipAuthorizer's decision; the default
+// (DefaultMembershipPolicy in hooks.h) is in its comments.
+enum class MemberRole : uint8_t {
+  kMember = 0,
+  kAdmin = 1,
+  // The creator. It cannot be given to or taken from anyone.
+  kOwner = 2,
+};
+
+constexpr std::string_view Name(MemberRole r) {
+  switch (r) {
+    case MemberRole::kMember: return "member";
+    case MemberRole::kAdmin: return "admin";
+    case MemberRole::kOwner: return "owner";
   }
   return "unknown";
 }
@@ -156,9 +178,11 @@ struct LogEntry {
   std::string client_message_id;
   std::string payload;    // opaque bytes (may be ciphertext)
   MessageMetadata metadata;
-  // For kCreated: the initial members. For kMemberAdded/kMemberRemoved: the
-  // single member concerned.
+  // For kCreated: the initial members. For kMemberAdded/kMemberRemoved/
+  // kRoleChanged: the single member concerned.
   std::vector<UserId> subjects;
+  // For kRoleChanged: the subject's new role (kMember otherwise).
+  MemberRole role = MemberRole::kMember;
 };
 
 // Input to Engine::Send. The views must stay valid for the duration of the
@@ -192,6 +216,7 @@ struct MembershipInterval {
 struct Member {
   UserId user;
   Seq joined;  // seq of the entry that made the user a current member
+  MemberRole role = MemberRole::kMember;
 };
 
 struct CreateConversationRequest {

@@ -1,7 +1,5 @@
-// A stable 64-bit hash (same value in every process and build), used to tell
-// whether a retried send carries the same content as the original. Not for
-// adversarial input: a collision only lets a changed retry be answered with
-// the original result.
+// Fixed 64-bit hashing: the same value in every process and build (unlike
+// absl::Hash, which is seeded per process). Not for adversarial input.
 
 #ifndef PARLEY_LIB_COMMON_HASH_H_
 #define PARLEY_LIB_COMMON_HASH_H_
@@ -12,9 +10,29 @@
 
 namespace parley {
 
+// A bijective 64-bit mix: splitmix64's finalizer (Stafford's "Mix13"), which
+// avalanches better than MurmurHash3's fmix64. For choosing shards and
+// deriving seeds from small integer ids; callers that want splitmix64 itself
+// add the golden-ratio increment first.
+constexpr uint64_t Mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  x ^= x >> 31;
+  return x;
+}
+
+// The golden-ratio constant splitmix64 steps its state by.
+inline constexpr uint64_t kGoldenGamma = 0x9e3779b97f4a7c15ull;
+
+// Tells whether a retried send carries the same content as the original: a
+// collision only lets a changed retry be answered with the original result.
+// Its values are stored (the log's content_hash), so its mixing is frozen:
+// it keeps MurmurHash3's fmix64 rather than the better Mix64.
 class StableHasher {
  public:
-  explicit StableHasher(uint64_t seed = 0x9e3779b97f4a7c15ull) : h_(seed) {}
+  explicit StableHasher(uint64_t seed = kGoldenGamma) : h_(seed) {}
 
   void Add(uint64_t v) { h_ = Mix(h_ ^ Mix(v + 0x632be59bd9b4e019ull)); }
 
@@ -39,7 +57,7 @@ class StableHasher {
   uint64_t Finish() const { return Mix(h_); }
 
  private:
-  // The finalizer of MurmurHash3 (fmix64).
+  // The finalizer of MurmurHash3 (fmix64); part of the stored format.
   static uint64_t Mix(uint64_t k) {
     k ^= k >> 33;
     k *= 0xff51afd7ed558ccdull;

@@ -17,6 +17,8 @@
 #include <string_view>
 #include <vector>
 
+#include "common/hash.h"
+
 namespace parley::internal {
 namespace {
 
@@ -64,10 +66,7 @@ struct Config {
 
 // splitmix64: a uniform 64-bit value per call, from a shared counter.
 uint64_t NextRandom(std::atomic<uint64_t>& counter) {
-  uint64_t z = counter.fetch_add(0x9e3779b97f4a7c15ULL) + 0x9e3779b97f4a7c15ULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
+  return Mix64(counter.fetch_add(kGoldenGamma) + kGoldenGamma);
 }
 
 }  // namespace

@@ -25,6 +25,8 @@
 #ifndef PARLEY_LIB_COMMON_MUTEX_H_
 #define PARLEY_LIB_COMMON_MUTEX_H_
 
+#include <chrono>
+
 #include "absl/base/thread_annotations.h"
 
 #ifdef PARLEY_STD_MUTEX
@@ -33,6 +35,7 @@
 #include <shared_mutex>
 #else
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #endif
 
 namespace parley {
@@ -77,6 +80,25 @@ class ABSL_LOCKABLE Mutex {
     }
     lock.release();
   }
+  // As Await, but gives up after `timeout` (real time); returns cond().
+  template <typename F>
+  bool AwaitWithTimeout(F&& cond, std::chrono::microseconds timeout)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(this) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    std::unique_lock<std::shared_mutex> lock(mu_, std::adopt_lock);
+    bool ok = cond();
+    if (!ok) {
+      if (waiters_ > 0) cv_.notify_all();
+      ++waiters_;
+      while (!(ok = cond()) &&
+             cv_.wait_until(lock, deadline) != std::cv_status::timeout) {
+      }
+      if (!ok) ok = cond();
+      --waiters_;
+    }
+    lock.release();
+    return ok;
+  }
   void AssertHeld() const ABSL_ASSERT_EXCLUSIVE_LOCK() {}
 
  private:
@@ -96,6 +118,15 @@ class ABSL_LOCKABLE Mutex {
     auto* f = &cond;
     mu_.Await(absl::Condition(
         +[](decltype(f) fn) { return static_cast<bool>((*fn)()); }, f));
+  }
+  template <typename F>
+  bool AwaitWithTimeout(F&& cond, std::chrono::microseconds timeout)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(this) {
+    auto* f = &cond;
+    return mu_.AwaitWithTimeout(
+        absl::Condition(
+            +[](decltype(f) fn) { return static_cast<bool>((*fn)()); }, f),
+        absl::FromChrono(timeout));
   }
   void AssertHeld() const ABSL_ASSERT_EXCLUSIVE_LOCK() { mu_.AssertHeld(); }
 

@@ -12,41 +12,27 @@
 #include "absl/strings/str_cat.h"
 #include "common/check.h"
 #include "common/coding.h"
+#include "common/hash.h"
 #include "delivery/delivery_internal.h"
 
 namespace parley {
 
 using namespace delivery_internal;  // NOLINT: this folder's own helpers
 
-namespace {
-
-// A fixed 64-bit mix (splitmix64's finalizer): shard choice must not depend
-// on the process (absl::Hash is seeded per process), or a seeded run would
-// draw its jitter from other generators on every run.
-uint64_t Mix(uint64_t x) {
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ULL;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebULL;
-  x ^= x >> 31;
-  return x;
-}
-
-constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
-
-}  // namespace
-
+// Shards and timer seeds use a fixed mix (common/hash.h), not absl::Hash:
+// shard choice must not depend on the process, or a seeded run would draw its
+// jitter from other generators on every run.
 size_t DeliveryManager::UserShard(uint64_t u) {
-  return Mix(u) & (kShards - 1);
+  return Mix64(u) & (kShards - 1);
 }
 
 size_t DeliveryManager::ConversationShard(uint64_t c) {
   // Another mix than users' (ids of both kinds are small integers).
-  return Mix(c ^ kGolden) & (kShards - 1);
+  return Mix64(c ^ kGoldenGamma) & (kShards - 1);
 }
 
 size_t DeliveryManager::DeviceShard(const DeviceKey& key) {
-  return Mix(Mix(key.first) ^ key.second) & (kShards - 1);
+  return Mix64(Mix64(key.first) ^ key.second) & (kShards - 1);
 }
 
 DeliveryManager::DeliveryManager(const Options& options, Storage* storage,
@@ -58,7 +44,7 @@ DeliveryManager::DeliveryManager(const Options& options, Storage* storage,
       write_options_{.sync = options.durability == Durability::kSync} {
   for (size_t i = 0; i < kShards; ++i) {
     MutexLock lock(&timers_[i].mu);
-    timers_[i].rng.seed(Mix(options.random_seed + kGolden * (i + 1)));
+    timers_[i].rng.seed(Mix64(options.random_seed + kGoldenGamma * (i + 1)));
   }
 }
 
@@ -191,7 +177,8 @@ absl::StatusOr<AttachResult> DeliveryManager::Attach(
     dev->sink = std::move(sink);
     dev->attached = true;
     dev->window = options_.max_in_flight_per_device;
-    absl::Status s = Build(dev, options.resume_from, &result, /*follow=*/true);
+    absl::Status s = Build(dev, options.resume_from, &result, /*follow=*/true,
+                           options.new_device_backlog);
     if (!s.ok()) {
       dev->attached = false;
       ResetLocked(dev);
@@ -263,6 +250,23 @@ void DeliveryManager::Schedule(Device& d, int64_t due) {
   if (d.scheduled_due != 0) shard.timers.erase({d.scheduled_due, key});
   d.scheduled_due = due;
   shard.timers.insert({due, key});
+  // After the insert: a ProcessTimers that starts (and resets announced_)
+  // before this point either sees the timer or leaves it for the
+  // NextTimerDue its caller makes next.
+  if (wakeup_ && LowerAnnounced(due)) {
+    wakeup_(Timestamp(std::chrono::microseconds(due)));
+  }
+}
+
+bool DeliveryManager::LowerAnnounced(int64_t due) {
+  int64_t cur = announced_.load(std::memory_order_acquire);
+  while (due < cur) {
+    if (announced_.compare_exchange_weak(cur, due,
+                                         std::memory_order_acq_rel)) {
+      return true;
+    }
+  }
+  return false;
 }
 
 void DeliveryManager::Unschedule(Device& d) {
@@ -283,10 +287,16 @@ std::optional<Timestamp> DeliveryManager::NextTimerDue() {
     if (!next.has_value() || due < *next) next = due;
   }
   if (!next.has_value()) return std::nullopt;
+  // The caller now knows of *next: a later timer need not wake it.
+  LowerAnnounced(*next);
   return Timestamp(std::chrono::microseconds(*next));
 }
 
 size_t DeliveryManager::ProcessTimers() {
+  // Before the scan: whatever is armed from here on is announced again (the
+  // caller learns the rest from NextTimerDue afterwards).
+  announced_.store(std::numeric_limits<int64_t>::max(),
+                   std::memory_order_release);
   const int64_t now = Micros(clock_->Now());
   std::vector<DeviceKey> due;
   for (TimerShard& shard : timers_) {
@@ -339,6 +349,11 @@ size_t DeliveryManager::ProcessTimers() {
       retry(d->user_stream);
       for (auto& [c, s] : d->conversations) retry(s);
       if (next_due != 0) Schedule(*d, next_due);
+      if (d->fetch_failed) {
+        // A catch-up read failed earlier: try again now.
+        d->fetch_failed = false;
+        Pump(*d);
+      }
     }
     Drain(d);
   }

@@ -49,6 +49,8 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -90,6 +92,12 @@ class DeliveryManager final : public FeedListener {
   absl::Status ForgetDevice(UserId u, DeviceId d);
   size_t ProcessTimers();
   std::optional<Timestamp> NextTimerDue();
+  // Called (with locks held; see Options::timer_wakeup) when a timer is
+  // armed earlier than every due time announced or returned by
+  // NextTimerDue since ProcessTimers last started. Set before first use.
+  void SetTimerWakeup(std::function<void(Timestamp)> wakeup) {
+    wakeup_ = std::move(wakeup);
+  }
 
   // The commit feed: a committed record, once per queue it is in, in that
   // queue's order (never concurrently for one conversation or one user).
@@ -192,6 +200,10 @@ class DeliveryManager final : public FeedListener {
     size_t outbox_events ABSL_GUARDED_BY(mu) = 0;  // Events in outbox
     bool draining ABSL_GUARDED_BY(mu) = false;
     int64_t scheduled_due ABSL_GUARDED_BY(mu) = 0;
+    // A catch-up read failed (storage error): the device's timer pumps it
+    // again after ack_timeout, so it does not wait for the next commit of
+    // one of its streams (there may be none).
+    bool fetch_failed ABSL_GUARDED_BY(mu) = false;
   };
   using DevicePtr = std::shared_ptr<Device>;
   using DeviceKey = std::pair<uint64_t, uint64_t>;  // user, device
@@ -199,8 +211,9 @@ class DeliveryManager final : public FeedListener {
   // Loads positions and ranges into `d` (fresh) and applies resets;
   // `result` gets them. With `follow`, d is registered for the feed and
   // follows the conversations it gets streams for.
+  // `backlog`: AttachOptions::new_device_backlog (0 for Sync).
   absl::Status Build(const DevicePtr& d, const std::vector<StreamPosition>& from,
-                     AttachResult* result, bool follow)
+                     AttachResult* result, bool follow, size_t backlog = 0)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(d->mu);
   // Forgets every stream and delivery of `d` and stops following.
   void ResetLocked(const DevicePtr& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d->mu);
@@ -331,6 +344,13 @@ class DeliveryManager final : public FeedListener {
     return timers_[DeviceShard(DeviceKey(d.user.value(), d.device.value()))];
   }
   std::array<TimerShard, kShards> timers_;
+  // Options::timer_wakeup and the built-in timer thread's kick.
+  std::function<void(Timestamp)> wakeup_;
+  // The earliest due time (micros) the host has learned of since
+  // ProcessTimers last started; INT64_MAX: none.
+  std::atomic<int64_t> announced_{std::numeric_limits<int64_t>::max()};
+  // Lowers announced_ to `due`; true if it was later (the host must hear).
+  bool LowerAnnounced(int64_t due);
 
   std::atomic<uint64_t> deliveries_{0};
   std::atomic<uint64_t> redeliveries_{0};

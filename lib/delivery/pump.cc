@@ -148,7 +148,10 @@ bool DeliveryManager::PumpUser(Device& d) {
     const uint64_t p = us.sent + 1;
     auto it = us.early.find(p);
     if (it == us.early.end()) {
-      if (!FetchUser(d, p).ok()) return progress;  // retried on next pump
+      if (!FetchUser(d, p).ok()) {  // retried by the device's timer
+        d.fetch_failed = true;
+        return progress;
+      }
       it = us.early.find(p);
       if (it == us.early.end()) return progress;
     }
@@ -200,7 +203,10 @@ bool DeliveryManager::PumpConversation(Device& d, Stream& s) {
     if (it == s.early.end()) {
       const uint64_t end =
           range->to == 0 ? s.known_head : std::min(range->to, s.known_head);
-      if (!FetchConversation(d, s, next, end).ok()) break;
+      if (!FetchConversation(d, s, next, end).ok()) {
+        d.fetch_failed = true;  // retried by the device's timer
+        break;
+      }
       it = s.early.find(next);
       if (it == s.early.end()) break;
     }
@@ -227,6 +233,9 @@ void DeliveryManager::Pump(Device& d) {
       if (PumpConversation(d, s)) progress = true;
     }
     if (!HasRoom(d)) break;
+  }
+  if (d.fetch_failed && d.attached) {
+    Schedule(d, Micros(clock_->Now()) + RetryDelayMicros(d, 1));
   }
 }
 

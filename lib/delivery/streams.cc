@@ -23,7 +23,8 @@ using namespace delivery_internal;  // NOLINT: this folder's own helpers
 
 absl::Status DeliveryManager::Build(const DevicePtr& dev,
                                     const std::vector<StreamPosition>& from,
-                                    AttachResult* result, bool follow) {
+                                    AttachResult* result, bool follow,
+                                    size_t backlog) {
   const UserId u = dev->user;
   const DeviceId d = dev->device;
   // Stored positions.
@@ -53,6 +54,9 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
   }
   const bool known = stored_user.has_value() || !from.empty();
   const int64_t now = Micros(clock_->Now());
+  // A device never seen starts `backlog` entries before each head (at most
+  // max_catchup_entries), past any of them already expired.
+  backlog = known ? 0 : std::min(backlog, options_.max_catchup_entries);
 
   // The device is registered (for the feed) before any head is read: every
   // commit is either in what is read below or published to it afterwards.
@@ -68,6 +72,25 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
   uint64_t pos = resume_user ? *resume_user
                  : stored_user ? *stored_user
                                : *user_head;
+  if (backlog > 0) {
+    pos = *user_head - std::min<uint64_t>(backlog, *user_head);
+    auto it = storage_->NewIterator(Space::kUserStream,
+                                    keys::UserStreamKey(u, pos + 1),
+                                    keys::UserStreamKey(u, *user_head + 1));
+    uint64_t first = *user_head + 1;
+    for (it->Seek(keys::UserStreamKey(u, pos + 1)); it->Valid(); it->Next()) {
+      auto key = keys::ParseUserStreamKey(it->key());
+      if (!key.has_value() || key->user != u) {
+        return keys::CorruptKeyError(Space::kUserStream, it->key());
+      }
+      if (!IsExpired(it->value(), now)) {
+        first = key->pts;
+        break;
+      }
+    }
+    PARLEY_RETURN_IF_ERROR(it->status());
+    pos = first - 1;
+  }
   // A position past the head (the device kept positions that a power loss
   // took back, say) is reset like one too far behind.
   bool reset = pos > *user_head ||
@@ -139,6 +162,22 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
       cpos = st->second;
     } else {
       cpos = known && !ranges.empty() ? ranges.front().from - 1 : *head;
+      if (backlog > 0 && !ranges.empty()) {
+        cpos = std::max<uint64_t>(ranges.front().from - 1,
+                                  *head - std::min<uint64_t>(backlog, *head));
+        // Past the expired ones (at most `backlog` point reads).
+        const ReadRangeValue* range = nullptr;
+        for (uint64_t next = NextInRanges(ranges, cpos, &range);
+             next != 0 && next <= *head;
+             next = NextInRanges(ranges, cpos, &range)) {
+          std::string value;
+          absl::Status s =
+              storage_->Get(Space::kLog, keys::LogKey(c, Seq(next)), &value);
+          if (s.ok() && !IsExpired(value, now)) break;
+          if (!s.ok() && !absl::IsNotFound(s)) return s;
+          cpos = next;
+        }
+      }
     }
     bool creset = cpos > *head;
     if (creset) cpos = *head;
@@ -195,6 +234,7 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
 
 void DeliveryManager::ResetLocked(const DevicePtr& d) {
   Unschedule(*d);
+  d->fetch_failed = false;
   d->generation.fetch_add(1, std::memory_order_acq_rel);
   // One shard lock at a time: each followed conversation's, then the
   // user's (O(1) expected each, whatever the number of followers).

@@ -75,6 +75,53 @@ EngineImpl::EngineImpl(Options options, OpenState open)
   // Close() must be able to let go of the storage (so a new engine can open
   // it): keep no second reference.
   options_.storage.reset();
+  if (options_.timer_wakeup || options_.timer_thread) {
+    delivery_.SetTimerWakeup([this](Timestamp due) {
+      if (options_.timer_thread) {
+        MutexLock lock(&timer_mu_);
+        timer_kick_ = true;
+      }
+      if (options_.timer_wakeup) options_.timer_wakeup(due);
+    });
+  }
+  if (options_.timer_thread) {
+    timer_thread_ = std::thread([this] { TimerLoop(); });
+  }
+}
+
+void EngineImpl::TimerLoop() {
+  constexpr auto kMaxSleep = std::chrono::seconds(1);
+  MutexLock lock(&timer_mu_);
+  while (!timer_stop_) {
+    timer_kick_ = false;
+    timer_mu_.Unlock();
+    std::chrono::microseconds sleep = kMaxSleep;
+    if (std::optional<Timestamp> next = NextTimerDue(); next.has_value()) {
+      const auto wait = std::chrono::duration_cast<std::chrono::microseconds>(
+          *next - clock_->Now());
+      if (wait.count() <= 0) {
+        ProcessTimers();
+        timer_mu_.Lock();
+        continue;
+      }
+      sleep = std::min<std::chrono::microseconds>(sleep, wait);
+    }
+    timer_mu_.Lock();
+    timer_mu_.AwaitWithTimeout(
+        [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(timer_mu_) {
+          return timer_stop_ || timer_kick_;
+        },
+        sleep);
+  }
+}
+
+void EngineImpl::StopTimerThread() {
+  if (!timer_thread_.joinable()) return;
+  {
+    MutexLock lock(&timer_mu_);
+    timer_stop_ = true;
+  }
+  timer_thread_.join();
 }
 
 EngineImpl::~EngineImpl() {
@@ -212,6 +259,8 @@ absl::Status EngineImpl::Close() {
     delivery_.DetachAll();
     storage = std::move(storage_);
   }
+  // Outside ops_mu_: its last ProcessTimers (refused now) leaves through it.
+  StopTimerThread();
   // Every asynchronous send has completed (they count as calls): joins the
   // commit thread. Outside ops_mu_: the last completion may still be
   // leaving through it.

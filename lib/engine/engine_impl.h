@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -40,6 +41,8 @@ class EngineImpl final : public Engine {
                                 UserId user) override;
   absl::StatusOr<Seq> RemoveMember(ConversationId conversation, UserId actor,
                                    UserId user) override;
+  absl::StatusOr<Seq> SetMemberRole(ConversationId conversation, UserId actor,
+                                    UserId user, MemberRole role) override;
   absl::StatusOr<std::vector<Member>> ListMembers(
       ConversationId conversation) override;
   absl::StatusOr<std::vector<MembershipInterval>> Membership(
@@ -120,10 +123,14 @@ class EngineImpl final : public Engine {
   static absl::StatusOr<SendResult> AnswerFromOriginal(
       const InflightSends::Outcome& original, uint64_t hash);
 
-  // Shared by AddMember and RemoveMember.
+  // Shared by AddMember, RemoveMember and SetMemberRole (`role`: the new
+  // role for kSetRole).
   absl::StatusOr<Seq> ChangeMember(ConversationId c, UserId actor, UserId user,
-                                   bool add);
+                                   MembershipChangeKind kind, MemberRole role);
   void Log(LogLevel level, const std::string& message) const;
+  // Options::timer_thread's loop, and its stop (Close).
+  void TimerLoop();
+  void StopTimerThread();
 
   Options options_;  // without the storage: storage_ owns it
   std::shared_ptr<Storage> storage_;  // reset by Close()
@@ -144,6 +151,13 @@ class EngineImpl final : public Engine {
   std::atomic<bool> closed_{false};
   std::atomic<int> active_ops_{0};
   bool close_done_ ABSL_GUARDED_BY(ops_mu_) = false;
+
+  // Options::timer_thread. timer_mu_ is a leaf lock: the wakeup hook takes
+  // it under delivery locks.
+  Mutex timer_mu_;
+  bool timer_kick_ ABSL_GUARDED_BY(timer_mu_) = false;
+  bool timer_stop_ ABSL_GUARDED_BY(timer_mu_) = false;
+  std::thread timer_thread_;
 
   std::atomic<uint64_t> sends_ok_{0};
   std::atomic<uint64_t> sends_duplicate_{0};

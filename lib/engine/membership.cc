@@ -117,7 +117,10 @@ absl::Status EngineImpl::CreateConversation(
   batch.Put(Space::kMessageIndex, keys::MessageIndexKey(entry->id), value);
   const std::string member_value = EncodeMemberValue({{seq, Seq()}});
   for (UserId u : members) {
-    batch.Put(Space::kMembers, keys::MemberKey(q.id, u), member_value);
+    batch.Put(Space::kMembers, keys::MemberKey(q.id, u),
+              u == q.creator ? EncodeMemberValue({{seq, Seq()}},
+                                                 MemberRole::kOwner)
+                             : member_value);
   }
   batch.Put(Space::kMeta, keys::ConversationMetaKey(q.id),
               sequencer_.MetaValueLocked(*st));
@@ -130,20 +133,38 @@ absl::Status EngineImpl::CreateConversation(
 
 absl::StatusOr<Seq> EngineImpl::AddMember(ConversationId c, UserId actor,
                                           UserId user) {
-  return ChangeMember(c, actor, user, /*add=*/true);
+  return ChangeMember(c, actor, user, MembershipChangeKind::kAdd,
+                      MemberRole::kMember);
 }
 
 absl::StatusOr<Seq> EngineImpl::RemoveMember(ConversationId c, UserId actor,
                                              UserId user) {
-  return ChangeMember(c, actor, user, /*add=*/false);
+  return ChangeMember(c, actor, user, MembershipChangeKind::kRemove,
+                      MemberRole::kMember);
+}
+
+absl::StatusOr<Seq> EngineImpl::SetMemberRole(ConversationId c, UserId actor,
+                                              UserId user, MemberRole role) {
+  return ChangeMember(c, actor, user, MembershipChangeKind::kSetRole, role);
 }
 
 absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
-                                             UserId user, bool add) {
+                                             UserId user,
+                                             MembershipChangeKind kind,
+                                             MemberRole new_role) {
+  const bool add = kind == MembershipChangeKind::kAdd;
+  const bool set_role = kind == MembershipChangeKind::kSetRole;
   OpGuard guard(this);
   PARLEY_RETURN_IF_ERROR(guard.status());
   if (!c.valid() || !user.valid()) {
     return Invalid("conversation and user must be nonzero");
+  }
+  if (set_role && new_role != MemberRole::kMember &&
+      new_role != MemberRole::kAdmin) {
+    return Invalid(absl::StrCat(
+        "a member can be made a member or an admin, not ",
+        std::string(Name(new_role)),
+        " (ownership is not transferable)"));
   }
   Reservation rv;
   rv.st = sequencer_.Acquire(c);
@@ -163,10 +184,10 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
   if (absl::Status s = sequencer_.AwaitQuiescentLocked(*st); !s.ok()) return fail(s);
 
   // ---- Read: every fallible step comes before the reservation.
-  auto intervals = sequencer_.ReadIntervals(c, user);
-  if (!intervals.ok()) return fail(intervals.status());
-  const bool is_member =
-      !intervals->empty() && !intervals->back().left.valid();
+  auto target = sequencer_.ReadMember(c, user);
+  if (!target.ok()) return fail(target.status());
+  std::vector<MembershipInterval>* const intervals = &target->intervals;
+  const bool is_member = target->current();
   if (add && is_member) {
     return fail(absl::AlreadyExistsError(
         absl::StrCat("user ", user.value(), " is already a member")));
@@ -179,10 +200,44 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
     return fail(Invalid(absl::StrCat("more than max_members (",
                                      options_.max_members, ") members")));
   }
+  if (set_role && target->role == MemberRole::kOwner) {
+    return fail(absl::FailedPreconditionError(
+        absl::StrCat("user ", user.value(),
+                     " is the owner; the owner's role cannot change")));
+  }
+  // Authorization, against the roles as stored (nothing of the
+  // conversation is in flight).
+  MembershipChange change;
+  change.conversation = c;
+  change.kind = kind;
+  change.actor = actor;
+  change.user = user;
+  change.user_role = add ? MemberRole::kMember : target->role;
+  change.new_role = new_role;
+  if (actor == user) {
+    if (is_member) change.actor_role = target->role;
+  } else if (actor.valid()) {
+    auto by = sequencer_.ReadMember(c, actor);
+    if (!by.ok()) return fail(by.status());
+    if (by->current()) change.actor_role = by->role;
+  }
+  if (absl::Status as = options_.membership_authorizer
+                            ? options_.membership_authorizer->Authorize(change)
+                            : DefaultMembershipPolicy(change);
+      !as.ok()) {
+    return fail(as);
+  }
+  if (set_role && target->role == new_role) {
+    const Seq head(st->committed_seq);
+    sequencer_.Abort(&rv);
+    return head;
+  }
   auto members_before = sequencer_.MembersLocked(*st);
   if (!members_before.ok()) return fail(members_before.status());
 
-  const uint32_t member_count = add ? st->member_count + 1 : st->member_count - 1;
+  const uint32_t member_count = add        ? st->member_count + 1
+                                : set_role ? st->member_count
+                                           : st->member_count - 1;
   const FanoutMode old_mode = st->mode;
   const FanoutMode mode = policy_->Choose(st->kind, member_count);
   // Who receives this entry, and whose read ranges change.
@@ -192,10 +247,11 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
                     user);
   }
   // (The removed user is in members_before: it sees its own removal.)
+  // A role change changes nobody's read ranges.
   std::vector<UserId> ranged;
   if (old_mode != mode) {
     ranged = everyone;
-  } else if (mode == FanoutMode::kRead) {
+  } else if (mode == FanoutMode::kRead && !set_role) {
     ranged = {user};
   }
   if (absl::Status ls = sequencer_.LockUsers(
@@ -216,18 +272,24 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
   auto entry = std::make_shared<LogEntry>();
   entry->conversation = c;
   entry->seq = seq;
-  entry->kind = add ? EntryKind::kMemberAdded : EntryKind::kMemberRemoved;
+  entry->kind = add        ? EntryKind::kMemberAdded
+                : set_role ? EntryKind::kRoleChanged
+                           : EntryKind::kMemberRemoved;
   entry->id = *id;
   entry->server_time = now;
   entry->sender = actor;
   entry->subjects = {user};
+  MemberRole stored_role = MemberRole::kMember;
   if (add) {
     intervals->push_back({seq, Seq()});
+  } else if (set_role) {
+    entry->role = new_role;
+    stored_role = new_role;
   } else {
     intervals->back().left = seq;
   }
   st->member_count = member_count;
-  if (st->members_cached) {
+  if (st->members_cached && !set_role) {
     auto it = std::lower_bound(
         st->members.begin(), st->members.end(), user,
         [](const std::pair<UserId, Seq>& m, UserId u) { return m.first < u; });
@@ -291,7 +353,7 @@ absl::StatusOr<Seq> EngineImpl::ChangeMember(ConversationId c, UserId actor,
   EncodeIndexValue(c, seq, expiry, &value);
   batch.Put(Space::kMessageIndex, keys::MessageIndexKey(entry->id), value);
   batch.Put(Space::kMembers, keys::MemberKey(c, user),
-              EncodeMemberValue(*intervals));
+              EncodeMemberValue(*intervals, stored_role));
   batch.Put(Space::kMeta, keys::ConversationMetaKey(c),
               sequencer_.MetaValueLocked(*st));
   std::string head;
@@ -315,29 +377,11 @@ absl::StatusOr<std::vector<Member>> EngineImpl::ListMembers(ConversationId c) {
   {
     MutexLock lock(&st->mu);
     PARLEY_RETURN_IF_ERROR(sequencer_.LoadExistingLocked(*st));
-    if (st->members_cached) {
-      std::vector<Member> out;
-      out.reserve(st->members.size());
-      for (const auto& [u, joined] : st->members) out.push_back({u, joined});
-      return out;
-    }
   }
+  // From storage (roles are not cached): what is committed.
   std::vector<Member> out;
-  const std::string prefix = keys::MemberPrefix(c);
-  auto it =
-      storage_->NewIterator(Space::kMembers, prefix, PrefixSuccessor(prefix));
-  std::vector<MembershipInterval> intervals;
-  for (it->Seek(prefix); it->Valid(); it->Next()) {
-    auto key = keys::ParseMemberKey(it->key());
-    if (!key.has_value() || key->conversation != c) {
-      return keys::CorruptKeyError(Space::kMembers, it->key());
-    }
-    PARLEY_RETURN_IF_ERROR(DecodeMemberValue(it->value(), &intervals));
-    if (!intervals.empty() && !intervals.back().left.valid()) {
-      out.push_back({key->user, intervals.back().joined});
-    }
-  }
-  PARLEY_RETURN_IF_ERROR(it->status());
+  PARLEY_RETURN_IF_ERROR(sequencer_.ScanCurrentMembers(
+      c, [&](const Member& m) { out.push_back(m); }));
   return out;
 }
 

@@ -36,6 +36,7 @@ void EncodeLogValue(const LogEntry& e, uint64_t expiry_micros,
   r.set_reply_to(e.metadata.reply_to.value());
   for (const auto& a : e.metadata.attachments) r.add_attachments(a);
   for (UserId u : e.subjects) r.add_subjects(u.value());
+  r.set_role(static_cast<uint32_t>(e.role));
   PutFixed64BE(out, expiry_micros);
   AppendProto(r, out);
 }
@@ -116,7 +117,7 @@ absl::Status DecodeLogValue(std::string_view value, LogEntry* e) {
   if (value.size() < kExpiryPrefixBytes) return Corrupt("log entry");
   value.remove_prefix(kExpiryPrefixBytes);
   uint64_t kind = 0, message_id = 0, time = 0, sender = 0, device = 0,
-           reply_to = 0;
+           reply_to = 0, role = 0;
   e->client_message_id.clear();
   e->payload.clear();
   e->metadata.content_type.clear();
@@ -161,12 +162,15 @@ absl::Status DecodeLogValue(std::string_view value, LogEntry* e) {
           ok = false;
         }
         break;
+      case 12: varint(&role); break;
       default:
         ok = SkipField(&value, wire);
     }
     if (!ok) return Corrupt("log entry");
   }
-  if (kind < 1 || kind > 5) return Corrupt("log entry kind");
+  if (kind < 1 || kind > 6) return Corrupt("log entry kind");
+  if (role > 2) return Corrupt("log entry role");
+  e->role = static_cast<MemberRole>(role);
   e->kind = static_cast<EntryKind>(kind);
   e->id = MessageId(message_id);
   e->server_time = FromMicros(static_cast<int64_t>(time));
@@ -230,26 +234,31 @@ absl::Status DecodeConversationMeta(std::string_view value,
   return absl::OkStatus();
 }
 
-std::string EncodeMemberValue(const std::vector<MembershipInterval>& v) {
+std::string EncodeMemberValue(const std::vector<MembershipInterval>& v,
+                              MemberRole role) {
   records::MemberRecord r;
   for (const auto& i : v) {
     auto* out = r.add_intervals();
     out->set_joined(i.joined.value());
     out->set_left(i.left.value());
   }
+  r.set_role(static_cast<uint32_t>(role));
   return r.SerializeAsString();
 }
 
 absl::Status DecodeMemberValue(std::string_view value,
-                               std::vector<MembershipInterval>* v) {
+                               std::vector<MembershipInterval>* v,
+                               MemberRole* role) {
   records::MemberRecord r;
-  if (!r.ParseFromArray(value.data(), static_cast<int>(value.size()))) {
+  if (!r.ParseFromArray(value.data(), static_cast<int>(value.size())) ||
+      r.role() > static_cast<uint32_t>(MemberRole::kOwner)) {
     return Corrupt("member record");
   }
   v->clear();
   for (const auto& i : r.intervals()) {
     v->push_back({Seq(i.joined()), Seq(i.left())});
   }
+  if (role != nullptr) *role = static_cast<MemberRole>(r.role());
   return absl::OkStatus();
 }
 

@@ -55,9 +55,11 @@ std::string EncodeConversationMeta(const ConversationMetaValue& v);
 absl::Status DecodeConversationMeta(std::string_view value,
                                     ConversationMetaValue* v);
 
-std::string EncodeMemberValue(const std::vector<MembershipInterval>& v);
+std::string EncodeMemberValue(const std::vector<MembershipInterval>& v,
+                              MemberRole role = MemberRole::kMember);
 absl::Status DecodeMemberValue(std::string_view value,
-                               std::vector<MembershipInterval>* v);
+                               std::vector<MembershipInterval>* v,
+                               MemberRole* role = nullptr);
 
 // kMessageIndex value: expiry | conv | seq.
 void EncodeIndexValue(ConversationId c, Seq s, uint64_t expiry_micros,

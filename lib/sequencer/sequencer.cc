@@ -88,21 +88,9 @@ absl::Status Sequencer::LoadLocked(ConversationState& st) {
   st.members.clear();
   st.members_cached = meta.member_count <= kMaxCachedMembers;
   if (st.members_cached) {
-    const std::string prefix = keys::MemberPrefix(st.id);
-    auto it = storage_->NewIterator(Space::kMembers, prefix,
-                                    PrefixSuccessor(prefix));
-    std::vector<MembershipInterval> intervals;
-    for (it->Seek(prefix); it->Valid(); it->Next()) {
-      auto key = keys::ParseMemberKey(it->key());
-      if (!key || key->conversation != st.id) {
-        return keys::CorruptKeyError(Space::kMembers, it->key());
-      }
-      PARLEY_RETURN_IF_ERROR(DecodeMemberValue(it->value(), &intervals));
-      if (!intervals.empty() && !intervals.back().left.valid()) {
-        st.members.emplace_back(key->user, intervals.back().joined);
-      }
-    }
-    PARLEY_RETURN_IF_ERROR(it->status());
+    PARLEY_RETURN_IF_ERROR(ScanCurrentMembers(st.id, [&](const Member& m) {
+      st.members.emplace_back(m.user, m.joined);
+    }));
   }
   st.exists = true;
   st.kind = meta.kind;
@@ -199,13 +187,20 @@ absl::Status Sequencer::LoadExistingLocked(ConversationState& st) {
 
 absl::StatusOr<std::vector<MembershipInterval>> Sequencer::ReadIntervals(
     ConversationId c, UserId u) {
-  std::vector<MembershipInterval> intervals;
+  auto m = ReadMember(c, u);
+  if (!m.ok()) return m.status();
+  return std::move(m->intervals);
+}
+
+absl::StatusOr<Sequencer::StoredMember> Sequencer::ReadMember(
+    ConversationId c, UserId u) {
+  StoredMember out;
   std::string value;
   absl::Status s = storage_->Get(Space::kMembers, keys::MemberKey(c, u), &value);
-  if (absl::IsNotFound(s)) return intervals;
+  if (absl::IsNotFound(s)) return out;
   PARLEY_RETURN_IF_ERROR(s);
-  PARLEY_RETURN_IF_ERROR(DecodeMemberValue(value, &intervals));
-  return intervals;
+  PARLEY_RETURN_IF_ERROR(DecodeMemberValue(value, &out.intervals, &out.role));
+  return out;
 }
 
 absl::StatusOr<std::optional<Seq>> Sequencer::CurrentJoinLocked(
@@ -456,22 +451,29 @@ absl::StatusOr<std::vector<UserId>> Sequencer::MembersLocked(
     for (const auto& m : st.members) out.push_back(m.first);
     return out;
   }
-  const std::string prefix = keys::MemberPrefix(st.id);
+  PARLEY_RETURN_IF_ERROR(ScanCurrentMembers(
+      st.id, [&](const Member& m) { out.push_back(m.user); }));
+  return out;
+}
+
+absl::Status Sequencer::ScanCurrentMembers(
+    ConversationId c, const std::function<void(const Member&)>& each) {
+  const std::string prefix = keys::MemberPrefix(c);
   auto it =
       storage_->NewIterator(Space::kMembers, prefix, PrefixSuccessor(prefix));
   std::vector<MembershipInterval> intervals;
+  MemberRole role;
   for (it->Seek(prefix); it->Valid(); it->Next()) {
     auto key = keys::ParseMemberKey(it->key());
-    if (!key || key->conversation != st.id) {
+    if (!key || key->conversation != c) {
       return keys::CorruptKeyError(Space::kMembers, it->key());
     }
-    PARLEY_RETURN_IF_ERROR(DecodeMemberValue(it->value(), &intervals));
+    PARLEY_RETURN_IF_ERROR(DecodeMemberValue(it->value(), &intervals, &role));
     if (!intervals.empty() && !intervals.back().left.valid()) {
-      out.push_back(key->user);
+      each({key->user, intervals.back().joined, role});
     }
   }
-  PARLEY_RETURN_IF_ERROR(it->status());
-  return out;
+  return it->status();
 }
 
 absl::Status Sequencer::LockUsers(const std::vector<UserId>& users,

@@ -123,6 +123,20 @@ class Sequencer final : public HeadSource {
   // The stored membership intervals of (c, u).
   absl::StatusOr<std::vector<MembershipInterval>> ReadIntervals(
       ConversationId c, UserId u);
+  // The stored membership record of (c, u): intervals (empty if never a
+  // member) and the role of the current membership.
+  struct StoredMember {
+    std::vector<MembershipInterval> intervals;
+    MemberRole role = MemberRole::kMember;
+    bool current() const {
+      return !intervals.empty() && !intervals.back().left.valid();
+    }
+  };
+  absl::StatusOr<StoredMember> ReadMember(ConversationId c, UserId u);
+  // Scans c's stored membership records and calls `each` for every current
+  // member, in user id order. DataLoss for a corrupt key or record.
+  absl::Status ScanCurrentMembers(ConversationId c,
+                                  const std::function<void(const Member&)>& each);
   // Waits until nothing of the conversation is in flight, so that storage
   // reads of its records see every reservation.
   absl::Status AwaitQuiescentLocked(ConversationState& st)

@@ -83,6 +83,9 @@ inline Options BaseOptions(Durability durability) {
   o.node_id = 1;
   o.durability = durability;
   o.fanout_threshold = kFanoutThreshold;
+  // Actors here are arbitrary: who may change membership is the subject of
+  // tests/engine/membership_roles_test.cc, not of this workload.
+  o.membership_authorizer = AllowAllMembershipChanges();
   o.ack_timeout = std::chrono::milliseconds(200);
   o.max_retry_interval = std::chrono::milliseconds(1000);
   return o;

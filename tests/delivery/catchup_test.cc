@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -27,6 +28,7 @@ using testing::ModeOf;
 using testing::Range;
 using testing::RecordingSink;
 using testing::SendMsg;
+using testing::StoredPosition;
 using testing::TestDevice;
 using testing::TestEnv;
 
@@ -38,17 +40,6 @@ const ConversationId kRoom{100}, kOther{101};
 StreamId StreamFor(FanoutMode mode, ConversationId c) {
   return mode == FanoutMode::kWrite ? StreamId::User()
                                     : StreamId::Conversation(c);
-}
-
-std::optional<uint64_t> StoredPosition(Engine& e, UserId u, DeviceId d,
-                                       StreamId s) {
-  auto p = e.Positions(u, d);
-  INFO(p.status().ToString());
-  REQUIRE(p.ok());
-  for (const auto& sp : *p) {
-    if (sp.stream == s) return sp.position;
-  }
-  return std::nullopt;
 }
 
 TEST_CASE(

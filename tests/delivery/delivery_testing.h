@@ -1,7 +1,8 @@
 // Helpers for the delivery scenarios: a thread-safe recording sink, a test
 // device that attaches, acks and remembers everything it was handed, and
 // checks of the per-device delivery guarantees (every visible entry once, in
-// seq order; redelivery allowed, inversion not).
+// seq order; redelivery allowed, inversion not). The engine itself (on either
+// backend, with a ManualClock) comes from testing::TestEnv (testing/backends.h).
 //
 // Catch2 assertions are not thread-safe: sinks only record (and run an
 // optional hook); the checks run on the test's main thread.
@@ -16,6 +17,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -389,6 +391,19 @@ inline FanoutMode ModeOf(Engine& e, ConversationId c) {
   INFO(m.status().ToString());
   REQUIRE(m.ok());
   return *m;
+}
+
+// The durable position of stream `s` of device (u, d) (Engine::Positions);
+// nullopt if the engine holds none for that stream.
+inline std::optional<uint64_t> StoredPosition(Engine& e, UserId u, DeviceId d,
+                                              StreamId s) {
+  auto p = e.Positions(u, d);
+  INFO(p.status().ToString());
+  REQUIRE(p.ok());
+  for (const auto& sp : *p) {
+    if (sp.stream == s) return sp.position;
+  }
+  return std::nullopt;
 }
 
 inline uint64_t Head(Engine& e, UserId reader, ConversationId c) {

@@ -24,6 +24,7 @@ using testing::ModeOf;
 using testing::Range;
 using testing::RemoveMember;
 using testing::SendMsg;
+using testing::StoredPosition;
 using testing::TestDevice;
 using testing::TestEnv;
 using testing::Without;
@@ -214,13 +215,7 @@ TEST_CASE(
 
   // Independent positions.
   auto pos_of = [&](DeviceId d) -> uint64_t {
-    auto p = e->Positions(kAlice, d);
-    INFO(p.status().ToString());
-    REQUIRE(p.ok());
-    for (const auto& sp : *p) {
-      if (sp.stream == StreamId::User()) return sp.position;
-    }
-    return 0;
+    return StoredPosition(*e, kAlice, d, StreamId::User()).value_or(0);
   };
   CHECK(pos_of(kPhone) == phone.acked(StreamId::User()));
   CHECK(pos_of(kLaptop) == laptop.acked(StreamId::User()));

@@ -5,6 +5,7 @@
 // after it — never half a device.
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -224,132 +225,134 @@ void CheckGoneOrNew(Storage& storage, UserId u, DeviceId d,
   }
 }
 
+// The world of the race tests: an engine with ForgetOptions, its storage
+// (read directly by CheckGoneOrNew) and both conversations.
+struct RaceWorld {
+  explicit RaceWorld(const std::string& backend) : env(backend) {
+    Options o = ForgetOptions(env);
+    storage = o.storage;
+    e = env.OpenEngine(o);
+    CreateDirect(*e, kDirect, kAlice, kBob);
+    CreateGroup(*e, kGroup, {kAlice, kBob, kCarol});
+  }
+
+  TestEnv env;
+  std::shared_ptr<Storage> storage;
+  std::unique_ptr<Engine> e;
+};
+
+constexpr int kRaceIterations = 24;
+constexpr int kRaceSends = 4;
+
+// Runs `device` (the device's own calls; it appends their statuses to the
+// vector it is given) and ForgetDevice(u, d) on two threads released together,
+// the forget after `spins` yields so that iterations cover different
+// interleavings. Then, on this thread: the forget succeeded, and every device
+// call was done or refused because the session is gone (never delivered /
+// not seen).
+void RaceForget(
+    Engine& e, UserId u, DeviceId d, int spins,
+    const std::function<void(std::vector<absl::Status>& calls)>& device) {
+  std::atomic<int> ready{0};
+  auto start = [&] {
+    ready.fetch_add(1);
+    while (ready.load() < 2) std::this_thread::yield();
+  };
+  std::vector<absl::Status> device_calls;
+  absl::Status forgot;
+  std::thread device_thread([&] {
+    start();
+    device(device_calls);
+  });
+  std::thread forget_thread([&] {
+    start();
+    for (int spin = 0; spin < spins; ++spin) std::this_thread::yield();
+    forgot = e.ForgetDevice(u, d);
+  });
+  device_thread.join();
+  forget_thread.join();
+  CHECK(forgot.ok());
+  for (const absl::Status& s : device_calls) {
+    INFO(s.ToString());
+    CHECK((s.ok() || absl::IsInvalidArgument(s) || absl::IsNotFound(s)));
+  }
+}
+
 TEST_CASE("ForgetDevice racing the device's acks and attaches leaves all or "
           "nothing",
           "[delivery][forget][threads]") {
-  TestEnv env(GENERATE(as<std::string>{}, "memory", "rocksdb"));
-  Options o = ForgetOptions(env);
-  std::shared_ptr<Storage> storage = o.storage;
-  auto e = env.OpenEngine(o);
-  CreateDirect(*e, kDirect, kAlice, kBob);
-  CreateGroup(*e, kGroup, {kAlice, kBob, kCarol});
-  constexpr int kIterations = 24;
-  constexpr int kSends = 4;
+  RaceWorld w(GENERATE(as<std::string>{}, "memory", "rocksdb"));
+  Engine* e = w.e.get();
   int recreated = 0;
-  for (int iter = 0; iter < kIterations; ++iter) {
+  for (int iter = 0; iter < kRaceIterations; ++iter) {
     INFO("iteration " << iter);
     // The old device: attached, handed entries of both conversations, acks
     // none of them yet.
     auto sink = std::make_shared<RecordingSink>();
     REQUIRE(e->Attach(kBob, kPhone, sink, {}).ok());
-    for (int i = 0; i < kSends; ++i) {
+    for (int i = 0; i < kRaceSends; ++i) {
       SendMsg(*e, kAlice, kLaptop, kDirect, "d");
       SendMsg(*e, kAlice, kLaptop, kGroup, "g");
     }
     const std::vector<Delivery> handed = sink->deliveries();
-    REQUIRE(handed.size() == 2 * kSends);
+    REQUIRE(handed.size() == 2 * kRaceSends);
     const uint64_t group_head = Head(*e, kAlice, kGroup);
 
-    std::atomic<int> ready{0};
-    auto start = [&] {
-      ready.fetch_add(1);
-      while (ready.load() < 2) std::this_thread::yield();
-    };
-    std::vector<absl::Status> device_calls;
-    absl::Status forgot;
-    std::thread device([&] {
-      start();
-      for (size_t i = 0; i < handed.size(); ++i) {
-        device_calls.push_back(
-            e->Ack(kBob, kPhone, handed[i].stream, handed[i].position));
-        if (i == handed.size() / 2 && iter % 2 == 0) {
-          // Reattach mid-way (replaces the session, or makes a new device if
-          // the forget came first).
-          device_calls.push_back(
-              e->Attach(kBob, kPhone, std::make_shared<RecordingSink>(), {})
-                  .status());
-        }
-      }
-    });
-    std::thread forget([&] {
-      start();
-      for (int spin = 0; spin < (iter * 37) % 200; ++spin) {
-        std::this_thread::yield();
-      }
-      forgot = e->ForgetDevice(kBob, kPhone);
-    });
-    device.join();
-    forget.join();
-    CHECK(forgot.ok());
-    for (const absl::Status& s : device_calls) {
-      INFO(s.ToString());
-      // Refused (the session is gone: never delivered / not seen) or done.
-      CHECK((s.ok() || absl::IsInvalidArgument(s) || absl::IsNotFound(s)));
-    }
+    RaceForget(*e, kBob, kPhone, (iter * 37) % 200,
+               [&](std::vector<absl::Status>& calls) {
+                 for (size_t i = 0; i < handed.size(); ++i) {
+                   calls.push_back(e->Ack(kBob, kPhone, handed[i].stream,
+                                          handed[i].position));
+                   if (i == handed.size() / 2 && iter % 2 == 0) {
+                     // Reattach mid-way (replaces the session, or makes a
+                     // new device if the forget came first).
+                     calls.push_back(
+                         e->Attach(kBob, kPhone,
+                                   std::make_shared<RecordingSink>(), {})
+                             .status());
+                   }
+                 }
+               });
     (void)e->Detach(kBob, kPhone);  // if a reattach came after the forget
-    CheckGoneOrNew(*storage, kBob, kPhone, group_head, &recreated);
+    CheckGoneOrNew(*w.storage, kBob, kPhone, group_head, &recreated);
     REQUIRE(e->ForgetDevice(kBob, kPhone).ok());
   }
-  INFO("re-created after the forget in " << recreated << " of " << kIterations);
+  INFO("re-created after the forget in " << recreated << " of "
+                                         << kRaceIterations);
   SUCCEED();
 }
 
 TEST_CASE("ForgetDevice racing a pull-mode device's Sync and acks leaves all "
           "or nothing",
           "[delivery][forget][threads]") {
-  TestEnv env(GENERATE(as<std::string>{}, "memory", "rocksdb"));
-  Options o = ForgetOptions(env);
-  std::shared_ptr<Storage> storage = o.storage;
-  auto e = env.OpenEngine(o);
-  CreateDirect(*e, kDirect, kAlice, kBob);
-  CreateGroup(*e, kGroup, {kAlice, kBob, kCarol});
-  constexpr int kIterations = 24;
-  constexpr int kSends = 4;
+  RaceWorld w(GENERATE(as<std::string>{}, "memory", "rocksdb"));
+  Engine* e = w.e.get();
   int recreated = 0;
-  for (int iter = 0; iter < kIterations; ++iter) {
+  for (int iter = 0; iter < kRaceIterations; ++iter) {
     INFO("iteration " << iter);
     REQUIRE(e->Sync(kBob, kLaptop, {}).ok());  // known from now on
-    for (int i = 0; i < kSends; ++i) {
+    for (int i = 0; i < kRaceSends; ++i) {
       SendMsg(*e, kAlice, kPhone, kDirect, "d");
       SendMsg(*e, kAlice, kPhone, kGroup, "g");
     }
     const uint64_t group_head = Head(*e, kAlice, kGroup);
-    std::atomic<int> ready{0};
-    auto start = [&] {
-      ready.fetch_add(1);
-      while (ready.load() < 2) std::this_thread::yield();
-    };
-    std::vector<absl::Status> device_calls;
-    absl::Status forgot;
-    std::thread device([&] {
-      start();
-      for (int round = 0; round < 2; ++round) {
-        auto page = e->Sync(kBob, kLaptop, {.limit = 3});
-        device_calls.push_back(page.status());
-        if (!page.ok()) continue;
-        for (const Delivery& d : page->deliveries) {
-          device_calls.push_back(e->Ack(kBob, kLaptop, d.stream, d.position));
-        }
-      }
-    });
-    std::thread forget([&] {
-      start();
-      for (int spin = 0; spin < (iter * 53) % 300; ++spin) {
-        std::this_thread::yield();
-      }
-      forgot = e->ForgetDevice(kBob, kLaptop);
-    });
-    device.join();
-    forget.join();
-    CHECK(forgot.ok());
-    for (const absl::Status& s : device_calls) {
-      INFO(s.ToString());
-      CHECK((s.ok() || absl::IsInvalidArgument(s) || absl::IsNotFound(s)));
-    }
-    CheckGoneOrNew(*storage, kBob, kLaptop, group_head, &recreated);
+    RaceForget(*e, kBob, kLaptop, (iter * 53) % 300,
+               [&](std::vector<absl::Status>& calls) {
+                 for (int round = 0; round < 2; ++round) {
+                   auto page = e->Sync(kBob, kLaptop, {.limit = 3});
+                   calls.push_back(page.status());
+                   if (!page.ok()) continue;
+                   for (const Delivery& d : page->deliveries) {
+                     calls.push_back(
+                         e->Ack(kBob, kLaptop, d.stream, d.position));
+                   }
+                 }
+               });
+    CheckGoneOrNew(*w.storage, kBob, kLaptop, group_head, &recreated);
     REQUIRE(e->ForgetDevice(kBob, kLaptop).ok());
   }
-  INFO("re-created after the forget in " << recreated << " of " << kIterations);
+  INFO("re-created after the forget in " << recreated << " of "
+                                         << kRaceIterations);
   SUCCEED();
 }
 

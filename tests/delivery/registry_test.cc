@@ -236,7 +236,7 @@ TEST_CASE("an attach that fails after following leaves no follower behind",
     return absl::OkStatus();
   });
   auto r = e->Attach(UserId(2), DeviceId(1),
-                     std::make_shared<testing::RecordingSink>(), {});
+                     std::make_shared<RecordingSink>(), {});
   CHECK_FALSE(r.ok());
   CHECK(failed.load() > 0);
   CHECK(e->GetStats().attached_devices == 0);

@@ -307,7 +307,7 @@ TEST_CASE("delivery calls reject bad input with the documented codes",
   TestEnv env(GENERATE(as<std::string>{}, "memory", "rocksdb"));
   auto e = env.OpenEngine();
   CreateGroup(*e, kRoom, {kAlice, kBob});
-  auto sink = std::make_shared<testing::RecordingSink>();
+  auto sink = std::make_shared<RecordingSink>();
   using absl::StatusCode;
 
   CHECK(e->Attach(UserId(), kPhone, sink, {}).status().code() ==

@@ -262,6 +262,7 @@ const char* KindName(EntryKind k) {
     case EntryKind::kMemberAdded: return "added";
     case EntryKind::kMemberRemoved: return "removed";
     case EntryKind::kLost: return "lost";
+    case EntryKind::kRoleChanged: return "role";
   }
   return "?";
 }
@@ -400,6 +401,9 @@ class Harness {
     options_.max_attachments = kMaxAttachments;
     options_.max_attachment_bytes = kMaxAttachmentBytes;
     options_.max_members = kMaxMembers;
+    // Actors here are arbitrary: who may change membership is the subject of
+    // tests/engine/membership_roles_test.cc, not of this workload.
+    options_.membership_authorizer = AllowAllMembershipChanges();
     options_.default_retention = seconds(kDefaultRetentionS);
     options_.dedup_horizon = seconds(kDedupHorizonS);
     options_.default_page_size = kDefaultPage;

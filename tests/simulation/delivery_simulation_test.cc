@@ -106,6 +106,7 @@ const char* KindName(EntryKind k) {
     case EntryKind::kCreated: return "created";
     case EntryKind::kMemberAdded: return "added";
     case EntryKind::kMemberRemoved: return "removed";
+    case EntryKind::kLost: return "lost";
   }
   return "?";
 }
@@ -330,6 +331,9 @@ class Simulation {
     Options o = env_->MakeOptions();
     o.durability = cfg_.durability;
     o.fanout_threshold = cfg_.fanout_threshold;
+    // Actors here are arbitrary: who may change membership is the subject of
+    // tests/engine/membership_roles_test.cc, not of this workload.
+    o.membership_authorizer = AllowAllMembershipChanges();
     o.max_in_flight_per_device = cfg_.max_in_flight;
     o.max_cached_conversations = cfg_.max_cached_conversations;
     o.ack_timeout = kAckTimeout;
@@ -1652,6 +1656,9 @@ Options SmallFanout(TestEnv& env) {
   Options o = env.MakeOptions();
   o.fanout_threshold = kFanoutThreshold;
   o.max_in_flight_per_device = kMaxInFlight;
+  // Actors here are arbitrary: who may change membership is the subject of
+  // tests/engine/membership_roles_test.cc, not of this workload.
+  o.membership_authorizer = AllowAllMembershipChanges();
   return o;
 }
 

@@ -385,6 +385,13 @@ class Checker {
             asked = !e.subjects.empty() &&
                     changes.count({c, e.kind, e.subjects[0]});
             break;
+          case EntryKind::kLost:
+            // Only recovery after a power loss writes these, and no call
+            // asks for one. The workload simulates no power loss (all its
+            // engine generations run on one boot), so one here is
+            // unexplained.
+            asked = false;
+            break;
         }
         if (!asked) {
           Fail("I6", "the final log holds an entry no call asked for: " +

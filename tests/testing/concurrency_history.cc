@@ -18,6 +18,7 @@ const char* KindName(EntryKind k) {
     case EntryKind::kCreated: return "created";
     case EntryKind::kMemberAdded: return "added";
     case EntryKind::kMemberRemoved: return "removed";
+    case EntryKind::kLost: return "lost";
   }
   return "?";
 }

@@ -18,6 +18,7 @@
 #include <sstream>
 #include <thread>
 
+#include "common/hash.h"
 #include "store/keys.h"
 #include "log/log_codec.h"
 #include "parley/engine.h"
@@ -34,12 +35,8 @@ constexpr int kMaxRestarts = 2;
 constexpr auto kAckTimeout = std::chrono::milliseconds(1000);
 constexpr auto kMaxRetry = std::chrono::milliseconds(4000);
 
-uint64_t Mix(uint64_t x) {  // splitmix64
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
+// splitmix64 (one step from state x).
+uint64_t Mix(uint64_t x) { return Mix64(x + kGoldenGamma); }
 
 double Unit(uint64_t x) { return static_cast<double>(x >> 11) * 0x1.0p-53; }
 
@@ -271,6 +268,9 @@ void Workload::Configure() {
   Rng rng(opt_.seed * 7919 + 1);
   Options& o = base_options_;
   o.clock = env_.clock();
+  // Actors here are arbitrary: who may change membership is the subject of
+  // tests/engine/membership_roles_test.cc, not of this workload.
+  o.membership_authorizer = AllowAllMembershipChanges();
   o.fanout_threshold = 3 + rng.R(2);
   o.max_in_flight_per_device = 2 + rng.R(4);
   o.durability = rng.P(0.4) ? Durability::kSync : Durability::kBuffered;

@@ -60,7 +60,7 @@ struct MembershipChange {
 // Decides who may change a conversation's membership. Called with the
 // conversation locked, so the roles it is shown are the ones the change is
 // made against.
-class MembershipAuthorizer {
+class PARLEY_EXPORT MembershipAuthorizer {
  public:
   MembershipAuthorizer() = default;
   MembershipAuthorizer(const MembershipAuthorizer&) = delete;
@@ -80,10 +80,12 @@ class MembershipAuthorizer {
 //             member (the owner's role never changes).
 // Everything else is PermissionDenied. A host authorizer may call it and
 // add its own rules (a server-side actor that is no member, say).
-absl::Status DefaultMembershipPolicy(const MembershipChange& change);
+PARLEY_EXPORT absl::Status DefaultMembershipPolicy(
+    const MembershipChange& change);
 
 // Allows every change (for hosts that authorize before calling the engine).
-std::shared_ptr<MembershipAuthorizer> AllowAllMembershipChanges();
+PARLEY_EXPORT std::shared_ptr<MembershipAuthorizer>
+AllowAllMembershipChanges();
 
 enum class LogLevel : uint8_t { kDebug, kInfo, kWarning, kError };
 

@@ -238,7 +238,8 @@ class PARLEY_EXPORT MemoryStorage : public Storage {
   virtual void FailNextWrites(int n) = 0;
 };
 
-PARLEY_EXPORT std::unique_ptr<MemoryStorage> NewMemoryStorage(std::shared_ptr<Clock> clock);
+PARLEY_EXPORT std::unique_ptr<MemoryStorage> NewMemoryStorage(
+    std::shared_ptr<Clock> clock);
 
 }  // namespace parley
 

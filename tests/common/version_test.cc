@@ -11,7 +11,8 @@
 namespace parley {
 namespace {
 
-TEST_CASE("the library reports the version its headers declare", "[api][version]") {
+TEST_CASE("the library reports the version its headers declare",
+          "[api][version]") {
   REQUIRE(Version() != nullptr);
   CHECK(std::string(Version()) == PARLEY_VERSION_STRING);
   // The string is MAJOR.MINOR.PATCH of the three macros.

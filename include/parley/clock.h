@@ -12,12 +12,13 @@
 #include <chrono>
 #include <memory>
 
+#include "parley/export.h"
 #include "parley/types.h"
 
 namespace parley {
 
 // Thread-safe: Now() may be called from any thread at any time.
-class Clock {
+class PARLEY_EXPORT Clock {
  public:
   Clock() = default;
   Clock(const Clock&) = delete;
@@ -30,7 +31,7 @@ class Clock {
 };
 
 // The process's system clock.
-std::shared_ptr<Clock> SystemClock();
+PARLEY_EXPORT std::shared_ptr<Clock> SystemClock();
 
 // A clock that only moves when told to. Thread-safe.
 class ManualClock final : public Clock {

@@ -32,6 +32,7 @@
 #include <string_view>
 #include <vector>
 
+#include "parley/export.h"
 #include "parley/types.h"
 
 namespace parley {
@@ -119,7 +120,7 @@ struct Event {
 // kMemberAdded, kMemberRemoved, kRoleChanged (subjects and role say what
 // changed) and kLost carry an empty payload; a client shows or skips them by
 // LogEntry::kind, and acks them like any other position.
-class DeliverySink {
+class PARLEY_EXPORT DeliverySink {
  public:
   DeliverySink() = default;
   DeliverySink(const DeliverySink&) = delete;
@@ -207,7 +208,7 @@ constexpr std::string_view Name(FanoutMode m) {
 // Chooses a conversation's fan-out mode whenever its membership changes.
 // Must be deterministic and thread-safe; called under engine locks, so it must
 // not block or call into the engine.
-class FanoutPolicy {
+class PARLEY_EXPORT FanoutPolicy {
  public:
   FanoutPolicy() = default;
   FanoutPolicy(const FanoutPolicy&) = delete;

@@ -49,6 +49,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "parley/delivery.h"
+#include "parley/export.h"
 #include "parley/options.h"
 #include "parley/types.h"
 
@@ -79,10 +80,12 @@ struct EngineStats {
 // Receives the outcome of Engine::SendAsync (see there).
 using SendCallback = absl::AnyInvocable<void(absl::StatusOr<SendResult>)>;
 
-class Engine {
+class PARLEY_EXPORT Engine {
  public:
   // Opens an engine over options.storage, recovering its state from it.
-  // Returns InvalidArgument for bad options, Unavailable/DataLoss from storage.
+  // Returns InvalidArgument for bad options, Unavailable/DataLoss from storage,
+  // FailedPrecondition (and writes nothing) if the storage was written by a
+  // newer parley in an on-disk format this library does not know.
   static absl::StatusOr<std::unique_ptr<Engine>> Open(Options options);
 
   Engine() = default;

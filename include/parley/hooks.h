@@ -10,6 +10,7 @@
 #include <string_view>
 
 #include "absl/status/status.h"
+#include "parley/export.h"
 #include "parley/types.h"
 
 namespace parley {
@@ -17,7 +18,7 @@ namespace parley {
 // Decides whether a member may send a message. Called after validation and
 // after the engine checked that the sender is a current member; called again
 // on a retry that is not answered from the dedup record.
-class SendAuthorizer {
+class PARLEY_EXPORT SendAuthorizer {
  public:
   SendAuthorizer() = default;
   SendAuthorizer(const SendAuthorizer&) = delete;
@@ -59,7 +60,7 @@ struct MembershipChange {
 // Decides who may change a conversation's membership. Called with the
 // conversation locked, so the roles it is shown are the ones the change is
 // made against.
-class MembershipAuthorizer {
+class PARLEY_EXPORT MembershipAuthorizer {
  public:
   MembershipAuthorizer() = default;
   MembershipAuthorizer(const MembershipAuthorizer&) = delete;
@@ -79,10 +80,12 @@ class MembershipAuthorizer {
 //             member (the owner's role never changes).
 // Everything else is PermissionDenied. A host authorizer may call it and
 // add its own rules (a server-side actor that is no member, say).
-absl::Status DefaultMembershipPolicy(const MembershipChange& change);
+PARLEY_EXPORT absl::Status DefaultMembershipPolicy(
+    const MembershipChange& change);
 
 // Allows every change (for hosts that authorize before calling the engine).
-std::shared_ptr<MembershipAuthorizer> AllowAllMembershipChanges();
+PARLEY_EXPORT std::shared_ptr<MembershipAuthorizer>
+AllowAllMembershipChanges();
 
 enum class LogLevel : uint8_t { kDebug, kInfo, kWarning, kError };
 
@@ -97,7 +100,7 @@ constexpr std::string_view Name(LogLevel l) {
 }
 
 // Receives the engine's log lines. Thread-safe: called from any thread.
-class Logger {
+class PARLEY_EXPORT Logger {
  public:
   Logger() = default;
   Logger(const Logger&) = delete;

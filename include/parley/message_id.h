@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <string>
 
+#include "parley/export.h"
 #include "parley/types.h"
 
 namespace parley {
@@ -43,7 +44,7 @@ inline MessageIdParts DecodeMessageId(MessageId id) {
 
 // "message:<value> (2026-12-02T07:00:00.123Z node 3 #5)": the id with its
 // timestamp (UTC), node id and per-millisecond sequence.
-std::string DescribeMessageId(MessageId id);
+PARLEY_EXPORT std::string DescribeMessageId(MessageId id);
 
 }  // namespace parley
 

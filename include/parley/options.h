@@ -20,6 +20,7 @@
 #include "absl/status/status.h"
 #include "parley/clock.h"
 #include "parley/delivery.h"
+#include "parley/export.h"
 #include "parley/hooks.h"
 #include "parley/storage.h"
 
@@ -197,7 +198,7 @@ struct Options {
   bool timer_thread = false;
 
   // Returns InvalidArgument naming the first bad field.
-  absl::Status Validate() const;
+  PARLEY_EXPORT absl::Status Validate() const;
 };
 
 }  // namespace parley

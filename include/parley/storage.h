@@ -28,6 +28,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "parley/clock.h"
+#include "parley/export.h"
 #include "parley/hooks.h"
 
 namespace parley {
@@ -47,13 +48,13 @@ enum class Space : uint8_t {
 inline constexpr int kNumSpaces = 8;
 
 // Name of a space (the RocksDB column family name).
-std::string_view SpaceName(Space space);
+PARLEY_EXPORT std::string_view SpaceName(Space space);
 // True for the spaces whose values carry the 8-byte expiry prefix.
-bool SpaceHasExpiry(Space space);
+PARLEY_EXPORT bool SpaceHasExpiry(Space space);
 
 // An ordered list of puts and deletes applied atomically by Storage::Write.
 // A plain value type; not thread-safe.
-class WriteBatch {
+class PARLEY_EXPORT WriteBatch {
  public:
   void Put(Space space, std::string_view key, std::string_view value);
   void Delete(Space space, std::string_view key);
@@ -85,7 +86,7 @@ class WriteBatch {
 
 // A cursor over one space, restricted to [lower, upper). Not thread-safe.
 // Sees a consistent snapshot of the space taken when it was created.
-class StorageIterator {
+class PARLEY_EXPORT StorageIterator {
  public:
   StorageIterator() = default;
   StorageIterator(const StorageIterator&) = delete;
@@ -114,7 +115,7 @@ struct StorageWriteOptions {
 };
 
 // Thread-safe: all methods may be called concurrently.
-class Storage {
+class PARLEY_EXPORT Storage {
  public:
   Storage() = default;
   Storage(const Storage&) = delete;
@@ -206,7 +207,7 @@ struct RocksDbStorageOptions {
   bool salvage_damaged_wal = false;
 
   // Returns InvalidArgument naming the bad field.
-  absl::Status Validate() const;
+  PARLEY_EXPORT absl::Status Validate() const;
 };
 
 // Opens (or creates) a RocksDB-backed storage. `clock` decides expiry in
@@ -223,12 +224,12 @@ struct RocksDbStorageOptions {
 // until then those calls return Unavailable. Reads keep working meanwhile.
 // Opening replays the write-ahead log without flushing it into new table
 // files, and makes what it replayed durable before returning.
-absl::StatusOr<std::unique_ptr<Storage>> OpenRocksDbStorage(
+PARLEY_EXPORT absl::StatusOr<std::unique_ptr<Storage>> OpenRocksDbStorage(
     const RocksDbStorageOptions& options, std::shared_ptr<Clock> clock);
 
 // An in-memory storage for tests and ephemeral deployments. Survives engine
 // restarts as long as the object lives; nothing survives the process.
-class MemoryStorage : public Storage {
+class PARLEY_EXPORT MemoryStorage : public Storage {
  public:
   // Simulates a power loss: forgets every write that was not followed by a
   // synced write or SyncWal(), as a crash of a machine would.
@@ -237,7 +238,8 @@ class MemoryStorage : public Storage {
   virtual void FailNextWrites(int n) = 0;
 };
 
-std::unique_ptr<MemoryStorage> NewMemoryStorage(std::shared_ptr<Clock> clock);
+PARLEY_EXPORT std::unique_ptr<MemoryStorage> NewMemoryStorage(
+    std::shared_ptr<Clock> clock);
 
 }  // namespace parley
 

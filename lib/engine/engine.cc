@@ -7,8 +7,10 @@
 #include "common/check.h"
 #include "common/coding.h"
 #include "engine/engine_impl.h"
+#include "engine/format_version.h"
 #include "engine/open_record.h"
 #include "ids/message_id_generator.h"
+#include "parley/version.h"
 #include "store/keys.h"
 
 namespace parley {
@@ -41,6 +43,19 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Open(Options options) {
   if (absl::Status s = options.Validate(); !s.ok()) return s;
   if (options.clock == nullptr) options.clock = SystemClock();
   Storage& storage = *options.storage;
+
+  // The on-disk format (engine/format_version.h), checked before anything is
+  // written: a newer one is refused, an absent one (a new database, or one
+  // from before the record) is version 1 and recorded below.
+  auto format = ReadMetaU64(storage, keys::FormatVersionKey(), 0);
+  if (!format.ok()) return format.status();
+  if (*format > kFormatVersion) {
+    return absl::FailedPreconditionError(
+        "on-disk format version " + std::to_string(*format) +
+        " is newer than this library supports (parley " PARLEY_VERSION_STRING
+        " reads format versions up to " + std::to_string(kFormatVersion) +
+        "): open the database with a newer parley");
+  }
 
   // What the previous run left: a run that was not closed cleanly, in
   // kBuffered, on another boot may have lost acknowledged writes.
@@ -105,6 +120,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Open(Options options) {
                               .buffered = options.durability ==
                                           Durability::kBuffered,
                               .boot_id = open.boot_id}));
+  if (*format != kFormatVersion) {
+    std::string value;
+    PutFixed64BE(&value, kFormatVersion);
+    batch.Put(Space::kMeta, keys::FormatVersionKey(), value);
+  }
   if (power_loss) {
     // Until new ids are stored, the index alone would not keep a later
     // restart above the ids lost.

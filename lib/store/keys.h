@@ -23,6 +23,8 @@
 //                                          bytes, fsynced ahead, kBuffered)
 //                 "f"                   -> id floor (8 bytes): ids start
 //                                          above it (set after a power loss)
+//                 "v"                   -> on-disk format version (8 bytes;
+//                                          engine/format_version.h)
 //   kLog          conv seq              -> expiry | LogRecord
 //   kMembers      conv user             -> MemberRecord
 //   kDedup        user device client_id -> expiry | DedupRecord
@@ -83,6 +85,7 @@ inline std::string SeqLimitKey(ConversationId c) {
 }
 
 inline std::string OpenRecordKey() { return "o"; }
+inline std::string FormatVersionKey() { return "v"; }
 inline std::string IdLimitKey() { return "i"; }
 inline std::string IdFloorKey() { return "f"; }
 
@@ -219,7 +222,7 @@ inline uint64_t U64At(std::string_view k, size_t offset) {
 }
 }  // namespace internal
 
-// kMeta: "c"/"h"/"s" conv, "p" user, "o", "i", "f".
+// kMeta: "c"/"h"/"s" conv, "p" user, "o", "i", "f", "v".
 enum class MetaKeyKind {
   kConversationMeta,  // "c" conv
   kHead,              // "h" conv
@@ -228,6 +231,7 @@ enum class MetaKeyKind {
   kOpenRecord,        // "o"
   kIdLimit,           // "i"
   kIdFloor,           // "f"
+  kFormatVersion,     // "v"
 };
 struct MetaKeyParts {
   MetaKeyKind kind;
@@ -240,6 +244,7 @@ inline std::optional<MetaKeyParts> ParseMetaKey(std::string_view key) {
       case 'o': return MetaKeyParts{MetaKeyKind::kOpenRecord};
       case 'i': return MetaKeyParts{MetaKeyKind::kIdLimit};
       case 'f': return MetaKeyParts{MetaKeyKind::kIdFloor};
+      case 'v': return MetaKeyParts{MetaKeyKind::kFormatVersion};
       default: return std::nullopt;
     }
   }

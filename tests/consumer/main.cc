@@ -1,11 +1,20 @@
-// An outside program using only the installed parley package: open a RocksDB
-// store, send one message, read it back.
+// An outside program using only the installed parley package: check that the
+// library loaded is the one the headers describe, open a RocksDB store, send
+// one message, read it back. Built twice by run_consumer_test.cmake: through
+// find_package(parley) and through pkg-config.
 #include <cstdio>
+#include <string_view>
 
 #include "parley/engine.h"
+#include "parley/version.h"
 
 int main(int argc, char** argv) {
   if (argc != 2) return 2;
+  if (std::string_view(parley::Version()) != PARLEY_VERSION_STRING) {
+    std::fprintf(stderr, "headers are parley %s, the library is %s\n",
+                 PARLEY_VERSION_STRING, parley::Version());
+    return 9;
+  }
   auto clock = parley::SystemClock();
   auto storage = parley::OpenRocksDbStorage({.path = argv[1]}, clock);
   if (!storage.ok()) return 3;
@@ -31,7 +40,7 @@ int main(int argc, char** argv) {
       page->entries[1].payload != "hello") {
     return 7;
   }
-  std::printf("consumer ok: seq %llu\n",
+  std::printf("consumer ok: parley %s, seq %llu\n", parley::Version(),
               static_cast<unsigned long long>(sent->seq.value()));
   return (*engine)->Close().ok() ? 0 : 8;
 }

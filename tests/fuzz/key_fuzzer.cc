@@ -42,7 +42,7 @@ namespace {
 
 enum class Kind {
   kConversationMeta, kHead, kPtsLimit, kSeqLimit,  // kMeta
-  kOpenRecord, kIdLimit, kIdFloor,
+  kOpenRecord, kIdLimit, kIdFloor, kFormatVersion,
   kLog,                                          // kLog
   kMember,                                       // kMembers
   kDedup,                                        // kDedup
@@ -70,6 +70,7 @@ std::optional<Parsed> ParseKey(Space space, std::string_view k) {
       if (k == "o") return Parsed{Kind::kOpenRecord};
       if (k == "i") return Parsed{Kind::kIdLimit};
       if (k == "f") return Parsed{Kind::kIdFloor};
+      if (k == "v") return Parsed{Kind::kFormatVersion};
       if (k.size() != 9) return std::nullopt;
       if (k[0] == 'c') return Parsed{Kind::kConversationMeta, At(k, 1)};
       if (k[0] == 'h') return Parsed{Kind::kHead, At(k, 1)};
@@ -138,6 +139,7 @@ std::string Build(const Parsed& p) {
     case Kind::kOpenRecord: return keys::OpenRecordKey();
     case Kind::kIdLimit: return keys::IdLimitKey();
     case Kind::kIdFloor: return keys::IdFloorKey();
+    case Kind::kFormatVersion: return keys::FormatVersionKey();
     case Kind::kLog: return keys::LogKey(ConversationId(p.a), Seq(p.b));
     case Kind::kMember: return keys::MemberKey(ConversationId(p.a), UserId(p.b));
     case Kind::kDedup: return keys::DedupKey(u, DeviceId(p.b), p.tail);
@@ -164,7 +166,8 @@ Space SpaceOf(Kind k) {
     case Kind::kSeqLimit:
     case Kind::kOpenRecord:
     case Kind::kIdLimit:
-    case Kind::kIdFloor: return Space::kMeta;
+    case Kind::kIdFloor:
+    case Kind::kFormatVersion: return Space::kMeta;
     case Kind::kLog: return Space::kLog;
     case Kind::kMember: return Space::kMembers;
     case Kind::kDedup: return Space::kDedup;
@@ -199,6 +202,9 @@ std::optional<Parsed> StoreParse(Space space, std::string_view k) {
         case keys::MetaKeyKind::kIdFloor:
           FUZZ_CHECK(p->id == 0, "fixed meta key with an id");
           return Parsed{Kind::kIdFloor};
+        case keys::MetaKeyKind::kFormatVersion:
+          FUZZ_CHECK(p->id == 0, "fixed meta key with an id");
+          return Parsed{Kind::kFormatVersion};
       }
       return std::nullopt;
     }
@@ -382,6 +388,7 @@ std::vector<Parsed> AllKeys(const Ids& i) {
       {Kind::kOpenRecord},
       {Kind::kIdLimit},
       {Kind::kIdFloor},
+      {Kind::kFormatVersion},
       {Kind::kLog, i.conv, i.seq},
       {Kind::kMember, i.conv, i.user},
       {Kind::kDedup, i.user, i.device, 0, i.client_id},

@@ -112,6 +112,7 @@ def key_seeds():
     write(t, "parse-dedup", b"\x02\x03" + be64(1) + be64(2) + b"client")
     write(t, "parse-meta-seq-limit", b"\x02\x00s" + be64(5))
     write(t, "parse-meta-open", b"\x02\x00o")
+    write(t, "parse-meta-format-version", b"\x02\x00v")
     write(t, "parse-log", b"\x02\x01" + be64(3) + be64(9))
     write(t, "parse-user-stream-short", b"\x02\x05" + be64(3) + b"\x01")
     write(t, "parse-device-user", b"\x02\x06" + be64(5) + b"D" + be64(9) + b"u")

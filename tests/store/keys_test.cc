@@ -58,6 +58,8 @@ std::vector<KindCase> Cases(uint64_t a, uint64_t b, uint64_t c) {
        {0});
   meta("IdLimitKey", keys::IdLimitKey(), MetaKeyKind::kIdLimit, 0, {0});
   meta("IdFloorKey", keys::IdFloorKey(), MetaKeyKind::kIdFloor, 0, {0});
+  meta("FormatVersionKey", keys::FormatVersionKey(),
+       MetaKeyKind::kFormatVersion, 0, {0});
   out.push_back({"LogKey", keys::LogKey(conv, Seq(b)),
                  [=](std::string_view k) {
                    return keys::ParseLogKey(k) ==

@@ -2,7 +2,9 @@
 // step: creation, sends, a retried send, refused input, paging history, a
 // restart that continues the sequence, membership windows and retention;
 // then delivery: a user with two devices, one offline and catching up, acks
-// and a retry, and a group above the fan-out threshold.
+// and a retry (its timer announced through Options::timer_wakeup), a group
+// above the fan-out threshold, roles and who may change membership, and a
+// new device that starts with recent messages.
 //
 //   parley_walkthrough [database-directory]
 
@@ -13,6 +15,7 @@
 #include <string>
 
 #include "parley/engine.h"
+#include "parley/message_id.h"
 
 #include <vector>
 
@@ -42,25 +45,35 @@ void Must(absl::Status s, const char* what) {
   }
 }
 
-const char* KindName(parley::EntryKind k) {
-  switch (k) {
-    case parley::EntryKind::kMessage: return "message";
-    case parley::EntryKind::kCreated: return "created";
-    case parley::EntryKind::kMemberAdded: return "member+";
-    case parley::EntryKind::kMemberRemoved: return "member-";
+std::string KindName(parley::EntryKind k) {
+  return std::string(parley::Name(k));
+}
+
+// A message's text; for the log's other entries (empty payloads), what
+// they record.
+std::string Text(const parley::LogEntry& e) {
+  if (e.kind == parley::EntryKind::kMessage) return e.payload;
+  std::string out = "<" + KindName(e.kind);
+  if (e.subjects.size() > 4) {
+    out += " " + std::to_string(e.subjects.size()) + " members";
+  } else {
+    for (UserId u : e.subjects) out += " user " + std::to_string(u.value());
   }
-  return "?";
+  if (e.kind == parley::EntryKind::kRoleChanged) {
+    out += " -> " + std::string(parley::Name(e.role));
+  }
+  return out + ">";
 }
 
 void PrintPage(const char* title, const parley::HistoryPage& page) {
   std::printf("  %s (head %llu):\n", title,
               static_cast<unsigned long long>(page.head.value()));
   for (const auto& e : page.entries) {
-    std::printf("    seq %-3llu %-8s from user %llu  %s\n",
+    std::printf("    seq %-3llu %-14s from user %llu  %s\n",
                 static_cast<unsigned long long>(e.seq.value()),
-                KindName(e.kind),
+                KindName(e.kind).c_str(),
                 static_cast<unsigned long long>(e.sender.value()),
-                e.payload.c_str());
+                Text(e).c_str());
   }
 }
 
@@ -77,7 +90,7 @@ class PrintingSink final : public parley::DeliverySink {
                 static_cast<unsigned long long>(d.entry->seq.value()),
                 d.stream.kind == parley::StreamKind::kUser ? "user" : "conv",
                 static_cast<unsigned long long>(d.position), d.attempt,
-                d.entry->payload.c_str());
+                Text(*d.entry).c_str());
     received.push_back(d);
   }
   void OnEvent(const parley::Event& e) override {
@@ -113,6 +126,11 @@ std::unique_ptr<parley::Engine> OpenEngine(
   options.clock = clock;
   options.node_id = 1;
   options.durability = parley::Durability::kSync;  // ack = fsynced
+  // A host event loop would arm its timer here; the walkthrough prints it.
+  options.timer_wakeup = [clock](parley::Timestamp due) {
+    std::printf("    (timer wakeup: ProcessTimers is due in %.1f s)\n",
+                std::chrono::duration<double>(due - clock->Now()).count());
+  };
   options.storage =
       Must(parley::OpenRocksDbStorage({.path = dir}, clock), "open storage");
   return Must(parley::Engine::Open(options), "open engine");
@@ -153,6 +171,10 @@ int main(int argc, char** argv) {
   std::printf("  Alice -> direct: id %llu seq %llu\n",
               static_cast<unsigned long long>(hi.id.value()),
               static_cast<unsigned long long>(hi.seq.value()));
+  std::printf("    the id decodes as %s\n",
+              parley::DescribeMessageId(hi.id).c_str());
+  std::printf("    (seq 1 is the conversation's creation entry: every change "
+              "is an entry of the same log)\n");
   auto reply = Must(engine->Send(Msg(kBob, kBobLaptop, kDirect, "b-1",
                                      "hey Alice")), "send");
   std::printf("  Bob -> direct:   id %llu seq %llu\n",
@@ -242,6 +264,11 @@ int main(int argc, char** argv) {
 
   std::printf("\n8. Delivery: Bob has a laptop (online) and a phone "
               "(offline).\n");
+  std::printf("  Each device has streams: one update stream per user (a "
+              "position counts every entry of\n  the user's small "
+              "conversations, pts) and one per large conversation (its seq). "
+              "A device\n  acks positions; what it has not acked is "
+              "redelivered.\n");
   const DeviceId kBobPhone{22};
   auto laptop = std::make_shared<PrintingSink>("bob laptop");
   auto phone = std::make_shared<PrintingSink>("bob phone");
@@ -290,6 +317,38 @@ int main(int argc, char** argv) {
   Must(engine->SendEphemeral(kAlice, kAlicePhone, kAll,
                              parley::EventKind::kTyping, "alice is typing"),
        "typing");
+
+  std::printf("\n10. Roles: Alice created the team, so she is its owner. "
+              "Bob, a plain member,\n    may add but not remove; Alice makes "
+              "him an admin, and then he may.\n");
+  Must(engine->AddMember(kTeam, kBob, kCarol), "Bob adds Carol back");
+  auto denied = engine->RemoveMember(kTeam, kBob, kCarol);
+  std::printf("  Bob removes Carol: %s\n", denied.status().ToString().c_str());
+  Must(engine->SetMemberRole(kTeam, kAlice, kBob, parley::MemberRole::kAdmin),
+       "make Bob admin");
+  Must(engine->RemoveMember(kTeam, kBob, kCarol), "Bob removes Carol");
+  for (const parley::Member& m : Must(engine->ListMembers(kTeam), "members")) {
+    std::printf("  member user %llu: %s\n",
+                static_cast<unsigned long long>(m.user.value()),
+                std::string(parley::Name(m.role)).c_str());
+  }
+  auto team = Must(engine->ReadHistory({.reader = kAlice,
+                                        .conversation = kTeam,
+                                        .direction =
+                                            parley::ReadDirection::kBackward,
+                                        .limit = 3}),
+                   "read");
+  PrintPage("team, newest 3 (the changes are log entries too)", team);
+
+  std::printf("\n11. Bob signs in on a new tablet. A device parley has never "
+              "seen starts at the\n    heads unless it asks for a backlog: "
+              "this one asks for the last 2 entries of each stream.\n");
+  const DeviceId kBobTablet{23};
+  auto tablet = std::make_shared<PrintingSink>("bob tablet");
+  Must(engine->Attach(kBob, kBobTablet, tablet,
+                      {.new_device_backlog = 2}),
+       "attach tablet");
+  tablet->AckAll(*engine, kBob, kBobTablet);
 
   auto stats = engine->GetStats();
   std::printf("\nstats since restart: %llu sends ok, %llu duplicates, %llu "

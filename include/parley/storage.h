@@ -168,6 +168,20 @@ class PARLEY_EXPORT Storage {
   virtual absl::Status Close() = 0;
 };
 
+// Block compression of a RocksDB space's files (Debian's RocksDB has them
+// all).
+enum class Compression : uint8_t { kNone, kSnappy, kLz4, kZstd };
+
+constexpr std::string_view Name(Compression c) {
+  switch (c) {
+    case Compression::kNone: return "none";
+    case Compression::kSnappy: return "snappy";
+    case Compression::kLz4: return "lz4";
+    case Compression::kZstd: return "zstd";
+  }
+  return "unknown";
+}
+
 struct RocksDbStorageOptions {
   // Directory of the database. Required.
   std::string path;
@@ -205,6 +219,35 @@ struct RocksDbStorageOptions {
   //          recovery) — to bring a damaged database back up on purpose.
   // Default: false.
   bool salvage_damaged_wal = false;
+
+  // Compression of the log space's files: message payloads, which do not
+  // compress when they are ciphertext (kNone then saves the CPU).
+  // Default: kSnappy.
+  Compression log_compression = Compression::kSnappy;
+  // Compression of every other space's files. Default: kSnappy.
+  Compression compression = Compression::kSnappy;
+  // Directory of the write-ahead log, e.g. on a faster device than `path`
+  // (every acknowledged write goes there first). It belongs to this
+  // database: keep it with `path`. Default: empty = inside `path`.
+  std::string wal_dir;
+  // Bytes per second that flushes and compactions may write (RocksDB's rate
+  // limiter), so background I/O does not starve the WAL's fsyncs on a shared
+  // disk. Default: 0 = unlimited.
+  int64_t rate_limit_bytes_per_second = 0;
+  // Keeps RocksDB's statistics (tickers and histograms, a few percent of
+  // CPU) and writes them to `logger` at kInfo every stats_dump_period.
+  // Default: false.
+  bool statistics = false;
+  // How often statistics are written to the logger. Default: 10 min.
+  std::chrono::seconds stats_dump_period{600};
+  // Escape hatch: RocksDB DBOptions in RocksDB's own string form
+  // ("max_open_files=512;bytes_per_sync=1048576"), applied over parley's
+  // settings. An unknown or malformed option fails the open with
+  // InvalidArgument. Default: empty.
+  std::string rocksdb_db_options;
+  // The same for every space's ColumnFamilyOptions
+  // ("level0_slowdown_writes_trigger=30"). Default: empty.
+  std::string rocksdb_cf_options;
 
   // Returns InvalidArgument naming the bad field.
   PARLEY_EXPORT absl::Status Validate() const;

@@ -164,6 +164,21 @@ absl::Status RocksDbStorageOptions::Validate() const {
     return absl::InvalidArgumentError(
         "RocksDbStorageOptions.periodic_compaction must be >= 0");
   }
+  if (rate_limit_bytes_per_second < 0) {
+    return absl::InvalidArgumentError(
+        "RocksDbStorageOptions.rate_limit_bytes_per_second must be >= 0");
+  }
+  if (statistics && stats_dump_period.count() <= 0) {
+    return absl::InvalidArgumentError(
+        "RocksDbStorageOptions.stats_dump_period must be > 0");
+  }
+  for (Compression c : {log_compression, compression}) {
+    if (c != Compression::kNone && c != Compression::kSnappy &&
+        c != Compression::kLz4 && c != Compression::kZstd) {
+      return absl::InvalidArgumentError(
+          "RocksDbStorageOptions: unknown compression");
+    }
+  }
   return absl::OkStatus();
 }
 

@@ -46,6 +46,9 @@
 #include "common/coding.h"
 #include "rocksdb/slice_transform.h"
 #include "rocksdb/cache.h"
+#include "rocksdb/convenience.h"
+#include "rocksdb/rate_limiter.h"
+#include "rocksdb/statistics.h"
 #include "rocksdb/filter_policy.h"
 #include "rocksdb/io_status.h"
 #include "rocksdb/listener.h"
@@ -258,13 +261,25 @@ size_t InsertHintPrefix(Space space) {
   }
 }
 
+rocksdb::CompressionType ToRocks(Compression c) {
+  switch (c) {
+    case Compression::kNone: return rocksdb::kNoCompression;
+    case Compression::kSnappy: return rocksdb::kSnappyCompression;
+    case Compression::kLz4: return rocksdb::kLZ4Compression;
+    case Compression::kZstd: return rocksdb::kZSTD;
+  }
+  return rocksdb::kSnappyCompression;
+}
+
+// `base`: RocksDbStorageOptions::rocksdb_cf_options applied to defaults.
 rocksdb::ColumnFamilyOptions SpaceOptions(
-    const RocksDbStorageOptions& options,
+    const RocksDbStorageOptions& options, const rocksdb::ColumnFamilyOptions& base,
     const std::shared_ptr<rocksdb::TableFactory>& table_factory,
     const rocksdb::CompactionFilter* expiry_filter, bool expiring,
-    size_t hint_prefix_bytes = 0) {
-  rocksdb::ColumnFamilyOptions cf;
+    Compression compression, size_t hint_prefix_bytes = 0) {
+  rocksdb::ColumnFamilyOptions cf = base;
   cf.write_buffer_size = options.write_buffer_bytes;
+  cf.compression = ToRocks(compression);
   cf.table_factory = table_factory;
   if (hint_prefix_bytes > 0) {
     // The memtable keeps one insert hint per key prefix (the last insert's
@@ -308,7 +323,9 @@ absl::Status SyncLeftoverWals(const DatabaseConfig& config) {
   rocksdb::FileSystem* fs = config.file_system != nullptr
                                 ? config.file_system.get()
                                 : rocksdb::FileSystem::Default().get();
-  const std::string& dir = config.options.path;
+  const std::string& dir = config.options.wal_dir.empty()
+                               ? config.options.path
+                               : config.options.wal_dir;
   std::vector<std::string> children;
   rocksdb::IOStatus s =
       fs->GetChildren(dir, rocksdb::IOOptions(), &children, nullptr);
@@ -345,7 +362,42 @@ absl::StatusOr<std::shared_ptr<Database>> OpenDatabase(
   database->env = config.env;
   database->filter = std::make_unique<ExpiryCompactionFilter>(config.clock);
 
+  // The escape hatches first: parley's own settings below win where they
+  // overlap (the rest is the host's to tune).
+  rocksdb::ConfigOptions parse;
+  parse.ignore_unknown_options = false;
+  parse.input_strings_escaped = false;
   rocksdb::DBOptions db_options;
+  if (!options.rocksdb_db_options.empty()) {
+    rocksdb::Status ps = rocksdb::GetDBOptionsFromString(
+        parse, rocksdb::DBOptions(), options.rocksdb_db_options, &db_options);
+    if (!ps.ok()) {
+      return absl::InvalidArgumentError(
+          "RocksDbStorageOptions.rocksdb_db_options: " + ps.ToString());
+    }
+  }
+  rocksdb::ColumnFamilyOptions cf_base;
+  if (!options.rocksdb_cf_options.empty()) {
+    rocksdb::Status ps = rocksdb::GetColumnFamilyOptionsFromString(
+        parse, rocksdb::ColumnFamilyOptions(), options.rocksdb_cf_options,
+        &cf_base);
+    if (!ps.ok()) {
+      return absl::InvalidArgumentError(
+          "RocksDbStorageOptions.rocksdb_cf_options: " + ps.ToString());
+    }
+  }
+  if (!options.wal_dir.empty()) db_options.wal_dir = options.wal_dir;
+  if (options.rate_limit_bytes_per_second > 0) {
+    db_options.rate_limiter.reset(
+        rocksdb::NewGenericRateLimiter(options.rate_limit_bytes_per_second));
+  }
+  if (options.statistics) {
+    db_options.statistics = rocksdb::CreateDBStatistics();
+    db_options.stats_dump_period_sec =
+        static_cast<unsigned int>(options.stats_dump_period.count());
+  } else {
+    db_options.stats_dump_period_sec = 0;
+  }
   if (config.env != nullptr) db_options.env = config.env.get();
   db_options.create_if_missing = options.create_if_missing;
   db_options.create_missing_column_families = true;
@@ -380,13 +432,17 @@ absl::StatusOr<std::shared_ptr<Database>> OpenDatabase(
   std::vector<rocksdb::ColumnFamilyDescriptor> descriptors;
   descriptors.emplace_back(
       rocksdb::kDefaultColumnFamilyName,
-      SpaceOptions(options, table_factory, nullptr, /*expiring=*/false));
+      SpaceOptions(options, cf_base, table_factory, nullptr,
+                   /*expiring=*/false, options.compression));
   for (int i = 0; i < kNumSpaces; ++i) {
     const Space space = static_cast<Space>(i);
     descriptors.emplace_back(
         std::string(SpaceName(space)),
-        SpaceOptions(options, table_factory, database->filter.get(),
-                     SpaceHasExpiry(space), InsertHintPrefix(space)));
+        SpaceOptions(options, cf_base, table_factory, database->filter.get(),
+                     SpaceHasExpiry(space),
+                     space == Space::kLog ? options.log_compression
+                                          : options.compression,
+                     InsertHintPrefix(space)));
   }
   // Column families this version does not know (written by a newer one)
   // must be opened too, or DB::Open refuses the database.
@@ -399,7 +455,8 @@ absl::StatusOr<std::shared_ptr<Database>> OpenDatabase(
       for (const auto& d : descriptors) known = known || d.name == name;
       if (!known) {
         descriptors.emplace_back(
-            name, SpaceOptions(options, table_factory, nullptr, false));
+            name, SpaceOptions(options, cf_base, table_factory, nullptr,
+                               false, options.compression));
       }
     }
   }

@@ -21,13 +21,14 @@
 #include <string_view>
 
 #include "parley/engine.h"
+#include "parley/export.h"
 
 namespace parley {
 
 // `prefix` starts every metric name; it must itself be a valid start of a
 // metric name ([a-zA-Z_:][a-zA-Z0-9_:]*), which is not checked.
-std::string RenderPrometheusText(const EngineStats& stats,
-                                 std::string_view prefix = "parley_");
+PARLEY_EXPORT std::string RenderPrometheusText(
+    const EngineStats& stats, std::string_view prefix = "parley_");
 
 }  // namespace parley
 

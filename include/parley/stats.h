@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "parley/export.h"
+
 namespace parley {
 
 // A snapshot of one latency distribution since Engine::Open.
@@ -40,7 +42,7 @@ struct LatencyHistogram {
   // interpolated inside its bucket (as Prometheus' histogram_quantile does):
   // exact to the bucket. An observation above the last bound counts as the
   // last bound. 0 when there are no observations.
-  double Percentile(double p) const;
+  PARLEY_EXPORT double Percentile(double p) const;
 };
 
 }  // namespace parley

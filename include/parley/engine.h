@@ -40,6 +40,7 @@
 #ifndef PARLEY_ENGINE_H_
 #define PARLEY_ENGINE_H_
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -51,11 +52,15 @@
 #include "parley/delivery.h"
 #include "parley/export.h"
 #include "parley/options.h"
+#include "parley/stats.h"
+#include "parley/storage.h"
 #include "parley/types.h"
 
 namespace parley {
 
-// Counters since Open(); cheap to read.
+// Counters since Open(); cheap to read (GetStats copies a few hundred
+// bytes of atomics and asks the storage for its sizes).
+// parley/prometheus.h renders them for a Prometheus scrape.
 struct EngineStats {
   uint64_t sends_ok = 0;
   uint64_t sends_duplicate = 0;   // answered from the dedup record
@@ -75,6 +80,28 @@ struct EngineStats {
   uint64_t events = 0;              // ephemeral/receipt events handed to sinks
   uint64_t events_coalesced = 0;    // replaced by a newer one while waiting
   uint64_t events_dropped = 0;      // a device had max_pending_events waiting
+
+  // Latencies since Open(), measured with Options::clock (stats.h). Each
+  // costs two clock reads and two relaxed atomic adds per operation.
+  //
+  // Send and SendAsync, from the call until the result is known (for
+  // SendAsync: until `done` is called, not counting `done` itself); every
+  // outcome, errors and duplicates included.
+  LatencyHistogram send_latency;
+  // One storage write issued by group commit (with its fsync in kSync, or
+  // when the group raises a stored limit), whatever the number of sends it
+  // carries; count == storage_writes when no write is in flight.
+  LatencyHistogram commit_latency;
+  // Engine::Ack calls, whatever the outcome (sinks called from inside
+  // included).
+  LatencyHistogram ack_latency;
+  // Engine::Attach calls: registration and catch-up, sinks called from
+  // inside included.
+  LatencyHistogram attach_latency;
+
+  // Storage::ApproximateSize of every space, indexed by Space (on disk and
+  // in memtables for RocksDB); all 0 once the engine is closed.
+  std::array<uint64_t, kNumSpaces> storage_bytes{};
 };
 
 // Receives the outcome of Engine::SendAsync (see there).

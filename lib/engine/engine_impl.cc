@@ -140,6 +140,8 @@ absl::StatusOr<AttachResult> EngineImpl::Attach(
     UserId user, DeviceId device, std::shared_ptr<DeliverySink> sink,
     const AttachOptions& options) {
   OpGuard guard(this);
+  // Inside the guard: Close() waits for it, so the engine outlives it.
+  ScopedLatency latency(*clock_, &attach_latency_);
   PARLEY_RETURN_IF_ERROR(guard.status());
   return delivery_.Attach(user, device, std::move(sink), options);
 }
@@ -153,6 +155,8 @@ absl::Status EngineImpl::Detach(UserId user, DeviceId device) {
 absl::Status EngineImpl::Ack(UserId user, DeviceId device, StreamId stream,
                              uint64_t position) {
   OpGuard guard(this);
+  // Inside the guard: Close() waits for it, so the engine outlives it.
+  ScopedLatency latency(*clock_, &ack_latency_);
   PARLEY_RETURN_IF_ERROR(guard.status());
   return delivery_.Ack(user, device, stream, position);
 }
@@ -237,6 +241,17 @@ EngineStats EngineImpl::GetStats() {
   s.events = delivery_.events();
   s.events_coalesced = delivery_.events_coalesced();
   s.events_dropped = delivery_.events_dropped();
+  s.send_latency = send_latency_.Snapshot();
+  s.commit_latency = sequencer_.commit_latency();
+  s.ack_latency = ack_latency_.Snapshot();
+  s.attach_latency = attach_latency_.Snapshot();
+  // storage_ is only safe to use inside a call (Close resets it).
+  OpGuard guard(this);
+  if (guard.status().ok()) {
+    for (int i = 0; i < kNumSpaces; ++i) {
+      s.storage_bytes[i] = storage_->ApproximateSize(static_cast<Space>(i));
+    }
+  }
   return s;
 }
 

@@ -19,6 +19,7 @@
 #include "delivery/delivery_manager.h"
 #include "parley/engine.h"
 #include "sequencer/sequencer.h"
+#include "stats/latency_recorder.h"
 
 namespace parley {
 
@@ -109,9 +110,13 @@ class EngineImpl final : public Engine {
   std::optional<absl::StatusOr<SendResult>> ReserveSend(
       const SendRequest& q, uint64_t hash, const std::string& dedup_key,
       SendReservation* out) ABSL_NO_THREAD_SAFETY_ANALYSIS;
-  // SendAsync from the dedup key on.
+  // SendAsync from the dedup key on; `start`: when SendAsync was called.
   void StartSend(const SendRequest& q, uint64_t hash, std::string dedup_key,
-                 std::shared_ptr<AsyncOp> op, SendCallback done);
+                 std::shared_ptr<AsyncOp> op, SendCallback done,
+                 Timestamp start);
+  // Records send_latency_ since `start`, then calls `done`.
+  void CompleteAsync(Timestamp start, SendCallback& done,
+                     absl::StatusOr<SendResult> result);
   // Counts the outcome and releases the dedup key.
   void FinishSend(const std::string& dedup_key,
                   const absl::StatusOr<SendResult>& result);
@@ -163,6 +168,10 @@ class EngineImpl final : public Engine {
   std::atomic<uint64_t> sends_duplicate_{0};
   std::atomic<uint64_t> sends_rejected_{0};
   std::atomic<uint64_t> sends_failed_{0};
+  // EngineStats' latency histograms (commit_latency is the sequencer's).
+  LatencyRecorder send_latency_;
+  LatencyRecorder ack_latency_;
+  LatencyRecorder attach_latency_;
 };
 
 }  // namespace parley

@@ -61,6 +61,8 @@ absl::Status EngineImpl::ValidateSend(const SendRequest& r) const {
 
 absl::StatusOr<SendResult> EngineImpl::Send(const SendRequest& request) {
   OpGuard guard(this);
+  // Inside the guard: Close() waits for it, so the engine outlives it.
+  ScopedLatency latency(*clock_, &send_latency_);
   PARLEY_RETURN_IF_ERROR(guard.status());
   if (absl::Status s = ValidateSend(request); !s.ok()) {
     sends_rejected_.fetch_add(1, std::memory_order_relaxed);
@@ -146,23 +148,32 @@ class EngineImpl::AsyncOp {
   EngineImpl* const e_;
 };
 
+void EngineImpl::CompleteAsync(Timestamp start, SendCallback& done,
+                               absl::StatusOr<SendResult> result) {
+  send_latency_.RecordSince(*clock_, start);
+  std::move(done)(std::move(result));
+}
+
 void EngineImpl::SendAsync(const SendRequest& request, SendCallback done) {
+  const Timestamp start = clock_->Now();
   OpGuard guard(this);
-  if (!guard.status().ok()) return std::move(done)(guard.status());
+  if (!guard.status().ok()) {
+    return CompleteAsync(start, done, guard.status());
+  }
   if (absl::Status s = ValidateSend(request); !s.ok()) {
     sends_rejected_.fetch_add(1, std::memory_order_relaxed);
-    return std::move(done)(std::move(s));
+    return CompleteAsync(start, done, std::move(s));
   }
   const uint64_t hash = ContentHash(request);
   StartSend(request, hash,
             keys::DedupKey(request.sender, request.device,
                            request.client_message_id),
-            std::make_shared<AsyncOp>(this), std::move(done));
+            std::make_shared<AsyncOp>(this), std::move(done), start);
 }
 
 void EngineImpl::StartSend(const SendRequest& q, uint64_t hash,
                            std::string dedup_key, std::shared_ptr<AsyncOp> op,
-                           SendCallback done) {
+                           SendCallback done, Timestamp start) {
   std::shared_ptr<InflightSends::Outcome> original =
       inflight_.Begin(dedup_key, hash);
   if (original != nullptr) {
@@ -171,10 +182,10 @@ void EngineImpl::StartSend(const SendRequest& q, uint64_t hash,
     // passed on (Unavailable: retry) instead of retried here, so the
     // continuation never blocks the thread that finishes the original.
     inflight_.WhenDone(original, [this, original, hash, op = std::move(op),
-                                  done = std::move(done)]() mutable {
+                                  done = std::move(done), start]() mutable {
       absl::StatusOr<SendResult> r = AnswerFromOriginal(*original, hash);
       CountSend(r);
-      std::move(done)(std::move(r));
+      CompleteAsync(start, done, std::move(r));
     });
     return;
   }
@@ -182,18 +193,18 @@ void EngineImpl::StartSend(const SendRequest& q, uint64_t hash,
   if (std::optional<absl::StatusOr<SendResult>> answer =
           ReserveSend(q, hash, dedup_key, &rv)) {
     FinishSend(dedup_key, *answer);
-    std::move(done)(std::move(*answer));
+    CompleteAsync(start, done, std::move(*answer));
     return;
   }
   sequencer_.CommitAsync(
       std::move(rv.rv), [this, result = rv.result, dedup_key = std::move(dedup_key),
-               op = std::move(op),
-               done = std::move(done)](absl::Status s) mutable {
+               op = std::move(op), done = std::move(done),
+               start](absl::Status s) mutable {
                 absl::StatusOr<SendResult> out =
                     s.ok() ? absl::StatusOr<SendResult>(result)
                            : absl::StatusOr<SendResult>(std::move(s));
                 FinishSend(dedup_key, out);
-                std::move(done)(std::move(out));
+                CompleteAsync(start, done, std::move(out));
               });
 }
 

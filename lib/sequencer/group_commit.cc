@@ -13,9 +13,10 @@ constexpr char kEarlierFailed[] =
 }  // namespace
 
 GroupCommitter::GroupCommitter(
-    Storage* storage, bool sync, size_t max_group,
+    Storage* storage, const Clock* clock, bool sync, size_t max_group,
     std::function<void(const std::function<void()>&)> around_completions)
     : storage_(storage),
+      clock_(clock),
       sync_(sync),
       max_group_(max_group),
       around_(std::move(around_completions)) {}
@@ -61,11 +62,15 @@ void GroupCommitter::LeadLocked(std::vector<Request*>* finished) {
   for (const Request* g : group) sync = sync || g->needs_sync;
   const StorageWriteOptions options{.sync = sync};
   if (group.size() == 1) {
+    const Timestamp start = clock_->Now();
     status = storage_->Write(group[0]->batch, options);
+    commit_latency_.RecordSince(*clock_, start);
   } else {
     WriteBatch merged;
     for (Request* g : group) merged.Append(g->batch);
+    const Timestamp start = clock_->Now();  // the write, not the merge
     status = storage_->Write(merged, options);
+    commit_latency_.RecordSince(*clock_, start);
   }
   writes_.fetch_add(1, std::memory_order_relaxed);
 

@@ -46,7 +46,10 @@
 #include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "common/mutex.h"
+#include "parley/clock.h"
+#include "parley/stats.h"
 #include "parley/storage.h"
+#include "stats/latency_recorder.h"
 
 namespace parley {
 
@@ -68,8 +71,10 @@ class GroupCommitter {
 
   // `around_completions` (may be empty) wraps every run of asynchronous
   // completions: the engine uses it to mark the thread as inside an engine
-  // call.
-  GroupCommitter(Storage* storage, bool sync, size_t max_group,
+  // call. `clock` (must outlive the committer) times every storage write
+  // (commit_latency).
+  GroupCommitter(Storage* storage, const Clock* clock, bool sync,
+                 size_t max_group,
                  std::function<void(const std::function<void()>&)>
                      around_completions = {});
   // Stop() first.
@@ -99,6 +104,8 @@ class GroupCommitter {
   void Stop();
 
   uint64_t writes() const { return writes_.load(std::memory_order_relaxed); }
+  // How long each storage write (with its fsync, if any) took.
+  LatencyHistogram commit_latency() const { return commit_latency_.Snapshot(); }
 
  private:
   // A group stops growing past this many bytes (one request always fits).
@@ -114,11 +121,13 @@ class GroupCommitter {
   void WriterLoop();
 
   Storage* const storage_;
+  const Clock* const clock_;
   const bool sync_;
   const size_t max_group_;
   const std::function<void(const std::function<void()>&)> around_;
   std::atomic<uint64_t> epoch_{1};
   std::atomic<uint64_t> writes_{0};
+  LatencyRecorder commit_latency_;
 
   Mutex mu_;
   std::deque<Request*> queue_ ABSL_GUARDED_BY(mu_);

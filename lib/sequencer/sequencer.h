@@ -207,6 +207,9 @@ class Sequencer final : public HeadSource {
   absl::StatusOr<uint64_t> ConversationHead(ConversationId c) override;
 
   uint64_t writes() const { return committer_.writes(); }
+  LatencyHistogram commit_latency() const {
+    return committer_.commit_latency();
+  }
   size_t cached_conversations() { return cache_.size(); }
   uint64_t loads() const { return loads_.load(std::memory_order_relaxed); }
 

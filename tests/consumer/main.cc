@@ -3,9 +3,11 @@
 // one message, read it back. Built twice by run_consumer_test.cmake: through
 // find_package(parley) and through pkg-config.
 #include <cstdio>
+#include <string>
 #include <string_view>
 
 #include "parley/engine.h"
+#include "parley/prometheus.h"
 #include "parley/version.h"
 
 int main(int argc, char** argv) {
@@ -39,6 +41,14 @@ int main(int argc, char** argv) {
   if (!page.ok() || page->entries.size() != 2 ||
       page->entries[1].payload != "hello") {
     return 7;
+  }
+  // The metrics API links from outside too (exported in the shared build).
+  const parley::EngineStats stats = (*engine)->GetStats();
+  if (stats.send_latency.count != 1 ||
+      stats.send_latency.Percentile(50) < 0 ||
+      parley::RenderPrometheusText(stats).find("parley_sends_ok_total 1\n") ==
+          std::string::npos) {
+    return 10;
   }
   std::printf("consumer ok: parley %s, seq %llu\n", parley::Version(),
               static_cast<unsigned long long>(sent->seq.value()));

@@ -106,6 +106,15 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
     }
   }
   if (reset) {
+    if (options_.logger != nullptr) {
+      options_.logger->Log(
+          LogLevel::kInfo,
+          "device " + std::to_string(u.value()) + "/" +
+              std::to_string(d.value()) + ": update stream reset from " +
+              std::to_string(pos) + " to the head " +
+              std::to_string(*user_head) +
+              " (too far behind, past the head, or entries expired)");
+    }
     pos = *user_head;
     result->reset.push_back({StreamId::User(), pos});
     resets_.fetch_add(1, std::memory_order_relaxed);
@@ -201,6 +210,16 @@ absl::Status DeliveryManager::Build(const DevicePtr& dev,
       }
     }
     if (creset) {
+      if (options_.logger != nullptr) {
+        options_.logger->Log(
+            LogLevel::kInfo,
+            "device " + std::to_string(u.value()) + "/" +
+                std::to_string(d.value()) + ": conversation " +
+                std::to_string(c.value()) + " stream reset from " +
+                std::to_string(cpos) + " to the head " +
+                std::to_string(*head) +
+                " (too far behind, past the head, or entries expired)");
+      }
       cpos = *head;
       result->reset.push_back({StreamId::Conversation(c), cpos});
       resets_.fetch_add(1, std::memory_order_relaxed);

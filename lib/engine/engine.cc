@@ -133,6 +133,24 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Open(Options options) {
     batch.Put(Space::kMeta, keys::IdFloorKey(), value);
   }
   PARLEY_RETURN_IF_ERROR(storage.Write(batch, {.sync = true}));
+  if (options.logger != nullptr) {
+    // What an operator wants to know about a start: which run this is and
+    // what the previous one left behind.
+    const char* previous_end =
+        previous.generation == 0 ? "a new database"
+        : previous.clean         ? "closed cleanly"
+        : power_loss ? "did not close, on another boot: a power loss (seqs "
+                       "that may have been lost become kLost entries)"
+                     : "did not close (a process crash: nothing lost)";
+    options.logger->Log(
+        LogLevel::kInfo,
+        "parley " PARLEY_VERSION_STRING " opened: run " +
+            std::to_string(open.generation) + ", node " +
+            std::to_string(options.node_id) + ", durability " +
+            std::string(Name(options.durability)) + ", format " +
+            std::to_string(kFormatVersion) + "; previous run: " +
+            previous_end);
+  }
   return std::unique_ptr<Engine>(new EngineImpl(std::move(options), open));
 }
 

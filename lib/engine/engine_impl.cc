@@ -291,7 +291,14 @@ absl::Status EngineImpl::Close() {
                               .buffered = options_.durability ==
                                           Durability::kBuffered,
                               .boot_id = boot_id_}));
-  return storage->Write(clean, {.sync = true});
+  absl::Status written = storage->Write(clean, {.sync = true});
+  if (written.ok()) {
+    Log(LogLevel::kInfo,
+        "parley closed: run " + std::to_string(generation_) + ", " +
+            std::to_string(sends_ok_.load()) + " sends stored, " +
+            std::to_string(sends_failed_.load()) + " failed on storage");
+  }
+  return written;
 }
 
 }  // namespace parley

@@ -31,7 +31,7 @@ bool SameEntry(const LogEntry& a, const LogEntry& b) {
          a.sender == b.sender && a.device == b.device &&
          a.client_message_id == b.client_message_id &&
          a.payload == b.payload && a.metadata == b.metadata &&
-         a.subjects == b.subjects;
+         a.subjects == b.subjects && a.role == b.role;
 }
 
 std::string Describe(const LogEntry& e) {
@@ -46,7 +46,8 @@ std::string Describe(const LogEntry& e) {
                   " reply_to=" + std::to_string(e.metadata.reply_to.value()) +
                   " attachments=" +
                   std::to_string(e.metadata.attachments.size()) +
-                  " subjects=" + std::to_string(e.subjects.size());
+                  " subjects=" + std::to_string(e.subjects.size()) +
+                  " role=" + std::to_string(static_cast<int>(e.role));
   return s;
 }
 
@@ -58,8 +59,11 @@ void FuzzLogValue(std::string_view value) {
   if (!DecodeLogValue(value, &e).ok()) return;
   FUZZ_CHECK(e.conversation == ConversationId(0xC0FFEE) && e.seq == Seq(0x5EC),
              "DecodeLogValue touched conversation/seq");
-  FUZZ_CHECK(e.kind >= EntryKind::kMessage && e.kind <= EntryKind::kLost,
+  FUZZ_CHECK(e.kind >= EntryKind::kMessage &&
+                 e.kind <= EntryKind::kRoleChanged,
              "kind %d", static_cast<int>(e.kind));
+  FUZZ_CHECK(e.role <= MemberRole::kOwner, "role %d",
+             static_cast<int>(e.role));
 
   // Round trip through the encoder.
   const uint64_t expiry = ExpiryOf(value);
@@ -74,7 +78,9 @@ void FuzzLogValue(std::string_view value) {
              Describe(e).c_str(), Describe(e2).c_str());
 
   // The send path's encoder (no LogEntry) must write the same record.
-  if (e.kind == EntryKind::kMessage && e.subjects.empty()) {
+  // (It writes no subjects and no role: messages have neither.)
+  if (e.kind == EntryKind::kMessage && e.subjects.empty() &&
+      e.role == MemberRole::kMember) {
     SendRequest q{.sender = e.sender,
                   .device = e.device,
                   .conversation = e.conversation,
@@ -117,6 +123,8 @@ void FuzzLogValue(std::string_view value) {
   for (int i = 0; i < r.subjects_size(); ++i) {
     FUZZ_CHECK(r.subjects(i) == e.subjects[i].value(), "subject %d", i);
   }
+  FUZZ_CHECK(r.role() == static_cast<uint32_t>(e.role), "role %u vs %d",
+             r.role(), static_cast<int>(e.role));
 }
 
 void FuzzDedupValue(std::string_view value) {

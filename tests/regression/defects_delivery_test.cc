@@ -21,6 +21,7 @@
 
 #include "delivery/delivery_testing.h"
 #include "regression/regression_testing.h"
+#include "testing/faulty_storage.h"
 
 namespace parley::testing {
 namespace {
@@ -446,6 +447,50 @@ TEST_CASE("defect 8: retries never redeliver an expired entry",
   const auto all = bob.AllDeliveries();
   INFO(ToString(all));
   for (const auto& d : all) CHECK(d.attempt == 1);
+}
+
+// Found by tests/delivery/new_device_test.cc (issue 7): a catch-up read that
+// failed left the device waiting for the next commit of one of its streams;
+// with none coming it never caught up. Now the device's timer pumps it again
+// after ack_timeout.
+TEST_CASE("a catch-up read that fails is retried by the timer without a new "
+          "commit",
+          "[regression][delivery][faults]") {
+  const auto params = GENERATE(table<std::string, size_t>(
+      {{"memory", 100}, {"memory", 1}, {"rocksdb", 100}, {"rocksdb", 1}}));
+  TestEnv env(std::get<0>(params));
+  Options o = env.MakeOptions();
+  auto faulty = std::make_shared<FaultyStorage>(o.storage);
+  o.storage = faulty;
+  o.fanout_threshold = std::get<1>(params);
+  o.ack_timeout = std::chrono::milliseconds(1000);
+  auto e = env.OpenEngine(o);
+  CreateGroup(*e, kRoom, {kAlice, kBob, kCarol});
+  TestDevice bob(kBob, kPhone);
+  bob.Attach(*e);
+  bob.AckAll(*e);
+  bob.Detach(*e);
+  for (int i = 0; i < 3; ++i) SendMsg(*e, kAlice, kPhone, kRoom, "missed");
+
+  // The catch-up reads the entries with an iterator (the attach itself reads
+  // positions and heads with point reads): fail the first one.
+  std::atomic<bool> armed{true};
+  faulty->SetHook([&](StorageOp op, Space space, std::string_view) {
+    if (op == StorageOp::kNewIterator &&
+        (space == Space::kUserStream || space == Space::kLog) &&
+        armed.exchange(false)) {
+      return absl::UnavailableError("injected catch-up read failure");
+    }
+    return absl::OkStatus();
+  });
+  bob.Attach(*e);
+  faulty->SetHook(nullptr);
+  REQUIRE_FALSE(armed.load());  // the failure was injected
+  CHECK(bob.FirstSeen(kRoom).empty());
+  // No commit follows; only time passes.
+  env.clock()->Advance(std::chrono::milliseconds(1300));
+  e->ProcessTimers();
+  CHECK(bob.FirstSeen(kRoom) == Range(2, 4));
 }
 
 }  // namespace

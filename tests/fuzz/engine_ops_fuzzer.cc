@@ -20,7 +20,8 @@
 //    order, across restarts);
 //  - dedup: the same (sender, device, client id) with the same content
 //    returns the original {id, seq, server_time} with duplicate = true for
-//    dedup_horizon; other content is AlreadyExists;
+//    dedup_horizon, or until the original expires if that is sooner (then
+//    a retry is stored anew); other content is AlreadyExists;
 //  - visibility: a reader sees exactly the unexpired entries inside its
 //    membership windows [joined, left] (history pages, next, GetMessage);
 //  - status codes per engine.h; where the contract does not order two
@@ -998,10 +999,13 @@ class Harness {
     entry.client_id = r.client_id;
     entry.payload = r.payload;
     entry.metadata = r.metadata;
+    // The dedup record lives for the horizon but never past the message
+    // (a retry is never answered with an id that can no longer be fetched).
+    const int64_t dedup_expiry = std::min<int64_t>(
+        SatAdd(NowMicros(), kDedupHorizonS * 1'000'000), entry.expiry);
     conv->log.push_back(std::move(entry));
     LearnId(r.conv, want, res->id);
-    dedup_[dk] = MDedup{r.conv, r.payload, r.metadata, *res,
-                        SatAdd(NowMicros(), kDedupHorizonS * 1'000'000)};
+    dedup_[dk] = MDedup{r.conv, r.payload, r.metadata, *res, dedup_expiry};
     uint64_t& read = read_[{r.sender, r.conv}];
     read = std::max(read, want);
   }

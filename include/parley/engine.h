@@ -242,6 +242,9 @@ class PARLEY_EXPORT Engine {
   // that stream to the head, like one too far behind (AttachResult::reset).
   // A never-seen device can start some entries back instead
   // (AttachOptions::new_device_backlog).
+  // When it returns, no call of the replaced session's sink is running on
+  // another thread and none starts later (it waits for one in progress; a
+  // call made from inside that sink does not wait for itself).
   // InvalidArgument (zero ids, no sink, an unknown stream), FailedPrecondition
   // (closed), Unavailable (nothing is attached; attach again), DataLoss.
   virtual absl::StatusOr<AttachResult> Attach(
@@ -249,7 +252,9 @@ class PARLEY_EXPORT Engine {
       const AttachOptions& options) = 0;
 
   // Detaches a device; its unacked deliveries stay pending in storage and are
-  // redelivered when it attaches again. NotFound if not attached.
+  // redelivered when it attaches again. When it returns, the sink is not in
+  // a call on another thread and is never called again (as for Attach).
+  // NotFound if not attached.
   virtual absl::Status Detach(UserId user, DeviceId device) = 0;
 
   // Acknowledges everything in `stream` up to `position`, durably; retries of

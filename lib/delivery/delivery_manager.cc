@@ -165,6 +165,9 @@ absl::StatusOr<AttachResult> DeliveryManager::Attach(
   AttachResult result;
   {
     MutexLock lock(&dev->mu);
+    // The old session's sink call in progress on another thread (if any)
+    // ends before the new session begins; none of it starts after.
+    FenceSinkLocked(*dev);
     // A reattach replaces the session: everything unacked goes out again.
     ResetLocked(dev);
     dev->registered = true;
@@ -195,6 +198,8 @@ absl::Status DeliveryManager::Detach(UserId u, DeviceId d) {
   DevicePtr dev = Find(u, d);
   if (dev == nullptr) return absl::NotFoundError("device is not attached");
   MutexLock lock(&dev->mu);
+  if (!dev->attached) return absl::NotFoundError("device is not attached");
+  FenceSinkLocked(*dev);  // then the sink is never called again
   if (!dev->attached) return absl::NotFoundError("device is not attached");
   dev->attached = false;
   ResetLocked(dev);

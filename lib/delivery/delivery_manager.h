@@ -29,7 +29,11 @@
 // Sessions: one Device object per (user, device) lives while it is attached
 // or its sink is still being called; a reattach reuses it (a new
 // generation), so there is only ever one drain loop per device and a sink is
-// never entered twice at once. Sinks are called outside every lock.
+// never entered twice at once. Sinks are called outside every lock. Attach
+// and Detach fence the drain loop (FenceSinkLocked): when they return, no
+// call of the replaced session is running on another thread or starts
+// later, so a host that reattaches with the same sink never sees the old
+// session's deliveries after the new one began.
 //
 // Registry and timers are sharded (kShards each, by a fixed hash so that a
 // seeded run draws the same jitter on every run): devices and their user's
@@ -56,6 +60,7 @@
 #include <optional>
 #include <random>
 #include <set>
+#include <thread>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -199,6 +204,16 @@ class DeliveryManager final : public FeedListener {
     std::vector<Outgoing> outbox ABSL_GUARDED_BY(mu);
     size_t outbox_events ABSL_GUARDED_BY(mu) = 0;  // Events in outbox
     bool draining ABSL_GUARDED_BY(mu) = false;
+    // The drain loop is inside a sink call, on `sink_thread`. It checks the
+    // generation and sets this under mu, so an Attach or Detach that bumped
+    // the generation and then waited for !in_sink (FenceSinkLocked) knows
+    // no call of the replaced session is running or can start.
+    bool in_sink ABSL_GUARDED_BY(mu) = false;
+    std::thread::id sink_thread ABSL_GUARDED_BY(mu);
+    // Fences waiting: the drain loop starts no sink call meanwhile (the
+    // outbox still holds the old session's items; the fencing call clears
+    // them and drains what the new session has).
+    int fencing ABSL_GUARDED_BY(mu) = 0;
     int64_t scheduled_due ABSL_GUARDED_BY(mu) = 0;
     // A catch-up read failed (storage error): the device's timer pumps it
     // again after ack_timeout, so it does not wait for the next commit of
@@ -207,6 +222,11 @@ class DeliveryManager final : public FeedListener {
   };
   using DevicePtr = std::shared_ptr<Device>;
   using DeviceKey = std::pair<uint64_t, uint64_t>;  // user, device
+
+  // Waits until no call of d's sink runs on another thread, starting none
+  // meanwhile (a call from inside d's own sink does not wait for itself).
+  // Releases d.mu while it waits: the session's state may change meanwhile.
+  void FenceSinkLocked(Device& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(d.mu);
 
   // Loads positions and ranges into `d` (fresh) and applies resets;
   // `result` gets them. With `follow`, d is registered for the feed and

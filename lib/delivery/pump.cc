@@ -246,30 +246,42 @@ void DeliveryManager::Drain(const DevicePtr& d) {
     return;
   }
   d->draining = true;
-  while (!d->outbox.empty()) {
+  while (!d->outbox.empty() && d->fencing == 0) {
     std::vector<Outgoing> batch;
     batch.swap(d->outbox);
     d->outbox_events = 0;
     std::shared_ptr<DeliverySink> sink = d->sink;
     const uint64_t generation = d->generation.load(std::memory_order_acquire);
-    d->mu.Unlock();
     for (const Outgoing& item : batch) {
       // A reattach or detach since the batch was taken: its items are stale.
-      if (sink == nullptr ||
+      // Checked under mu with in_sink set before mu is released, so a fence
+      // (FenceSinkLocked) either sees this call running or stops it here.
+      if (sink == nullptr || d->fencing > 0 ||
           d->generation.load(std::memory_order_acquire) != generation) {
         break;
       }
+      d->in_sink = true;
+      d->sink_thread = std::this_thread::get_id();
+      d->mu.Unlock();
       if (const Delivery* del = std::get_if<Delivery>(&item)) {
         sink->Deliver(*del);
       } else {
         sink->OnEvent(std::get<Event>(item));
       }
+      d->mu.Lock();
+      d->in_sink = false;
     }
-    d->mu.Lock();
   }
   d->draining = false;
   if (!d->attached && d->registered) UnregisterLocked(d);
   d->mu.Unlock();
+}
+
+void DeliveryManager::FenceSinkLocked(Device& d) {
+  if (!d.in_sink || d.sink_thread == std::this_thread::get_id()) return;
+  ++d.fencing;
+  d.mu.Await([&d]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return !d.in_sink; });
+  --d.fencing;
 }
 
 // ---------------------------------------------------------------------------

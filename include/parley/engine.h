@@ -244,7 +244,8 @@ class PARLEY_EXPORT Engine {
   // (AttachOptions::new_device_backlog).
   // When it returns, no call of the replaced session's sink is running on
   // another thread and none starts later (it waits for one in progress; a
-  // call made from inside that sink does not wait for itself).
+  // call made from inside that sink does not wait for itself; so two sinks
+  // must not attach or detach each other's devices from inside their calls).
   // InvalidArgument (zero ids, no sink, an unknown stream), FailedPrecondition
   // (closed), Unavailable (nothing is attached; attach again), DataLoss.
   virtual absl::StatusOr<AttachResult> Attach(
